@@ -1,0 +1,3 @@
+"""nanochat: train your own small ChatGPT from scratch."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,239 @@
+"""Typed configuration: one dataclass per stage, presets by name, command-line overrides.
+
+Every field of a stage's config can be overridden on the command line. Model fields are
+top-level flags (`--depth 12`); other nested groups keep their prefix (`--optim.matrix-lr 0.01`).
+Parsing is done by `tyro`; validation lives in each dataclass's `__post_init__`, so a bad
+value is refused whether it came from a preset, a flag or Python code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal, TypeVar
+
+import tyro
+
+from nanochat.errors import NanochatError
+
+C = TypeVar("C")
+
+
+class ConfigError(NanochatError, ValueError):
+    """A configuration value the user chose is invalid; the message names the field."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_positive(cfg: object, *names: str, allow_zero: bool = False) -> None:
+    """Refuse non-positive (or negative, with allow_zero) numeric fields, naming the flag."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value < 0 or (value == 0 and not allow_zero):
+            bound = "≥ 0" if allow_zero else "> 0"
+            raise ConfigError(f"{_flag(name)} must be {bound} (got {value})")
+
+
+def check_fraction(cfg: object, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{_flag(name)} must be between 0 and 1 (got {value})")
+
+
+# --------------------------------------------------------------------------------------------
+# Where things live
+
+
+def home() -> Path:
+    """NANOCHAT_HOME: data, tokenizers and runs (default ~/.cache/nanochat)."""
+    return Path(os.environ.get("NANOCHAT_HOME", Path.home() / ".cache" / "nanochat")).expanduser()
+
+
+def tokenizer_dir(name: str) -> Path:
+    return home() / "tokenizers" / name
+
+
+def run_dir(run: str) -> Path:
+    return home() / "runs" / run
+
+
+# --------------------------------------------------------------------------------------------
+# Model and training
+
+
+@dataclass
+class ModelConfig:
+    """Transformer shape. Width follows depth: n_embd = depth * aspect_ratio, rounded up to a
+    whole number of heads, so one number (`--depth`) picks a model from the d12/d20/d26 family."""
+
+    depth: int = 20
+    aspect_ratio: int = 64
+    head_dim: int = 128
+    n_kv_head: int = 0
+    """Key/value heads for grouped-query attention; 0 means one per query head (no GQA)."""
+    sequence_len: int = 2048
+    mlp: Literal["swiglu", "relu2"] = "swiglu"
+    rope_theta: float = 10000.0
+    qk_norm: bool = True
+    logit_softcap: float = 15.0
+    """tanh soft-cap on the output logits; 0 disables it."""
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        check_positive(self, "depth", "aspect_ratio", "head_dim", "sequence_len", "rope_theta")
+        check_positive(self, "n_kv_head", "logit_softcap", allow_zero=True)
+        if self.n_kv_head and self.n_head % self.n_kv_head:
+            raise ConfigError(f"--n-kv-head ({self.n_kv_head}) must divide the {self.n_head} query heads")
+
+    @property
+    def n_head(self) -> int:
+        return -(-self.depth * self.aspect_ratio // self.head_dim)
+
+    @property
+    def n_embd(self) -> int:
+        return self.n_head * self.head_dim
+
+
+@dataclass
+class OptimConfig:
+    optimizer: Literal["muon", "adamw"] = "muon"
+    matrix_lr: float = 0.02
+    """Muon learning rate for the 2-D matrices inside the blocks."""
+    embedding_lr: float = 0.2
+    unembedding_lr: float = 0.004
+    scalar_lr: float = 0.04
+    weight_decay: float = 0.0
+    warmup_frac: float = 0.0
+    warmdown_frac: float = 0.2
+    final_lr_frac: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_positive(self, "matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr")
+        check_positive(self, "weight_decay", allow_zero=True)
+        check_fraction(self, "warmup_frac", "warmdown_frac", "final_lr_frac")
+        if self.warmup_frac + self.warmdown_frac > 1:
+            raise ConfigError("--optim.warmup-frac plus --optim.warmdown-frac must not exceed 1")
+
+
+@dataclass
+class TrainConfig:
+    """Base pretraining (and, with other defaults, the chat stages)."""
+
+    run: str = "default"
+    """Run name: checkpoints and metrics go to NANOCHAT_HOME/runs/<run>."""
+    tokenizer: str = "default"
+    model: Annotated[ModelConfig, tyro.conf.OmitArgPrefixes] = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    total_batch_tokens: int = 524288
+    """Tokens per optimizer step, summed over micro-batches and ranks."""
+    micro_batch: int = 32
+    """Sequences per forward/backward on one device."""
+    tokens_per_param: float = 20.0
+    """Token budget as a multiple of the parameter count (Chinchilla ≈ 20); ignored if --max-steps."""
+    max_steps: int = 0
+    """Explicit number of optimizer steps; 0 derives it from --tokens-per-param."""
+    eval_every: int = 250
+    save_every: int = 1000
+    keep_last: int = 2
+    seed: int = 42
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        check_positive(self, "total_batch_tokens", "micro_batch", "tokens_per_param", "keep_last")
+        check_positive(self, "max_steps", "eval_every", "save_every", allow_zero=True)
+
+
+def _preset(depth: int, **overrides) -> TrainConfig:
+    return TrainConfig(model=ModelConfig(depth=depth), **overrides)
+
+
+PRESETS: dict[str, TrainConfig] = {
+    # Minutes on a 2-core CPU: a 4-layer, 128-wide model on short sequences.
+    "tiny": TrainConfig(
+        tokenizer="tiny",
+        model=ModelConfig(depth=4, aspect_ratio=32, head_dim=32, sequence_len=256),
+        total_batch_tokens=8192,
+        micro_batch=16,
+        max_steps=300,
+        eval_every=100,
+        save_every=100,
+    ),
+    "d12": _preset(12),
+    "d20": _preset(20),
+    "d26": _preset(26, micro_batch=16),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+@dataclass
+class TokenizerTrainConfig:
+    name: str = "default"
+    """Written to NANOCHAT_HOME/tokenizers/<name>."""
+    vocab_size: int = 65536
+    inputs: tuple[str, ...] = ()
+    """Text, jsonl or parquet files or folders; empty means the offline corpus."""
+    max_chars: int = 2_000_000_000
+    """Total characters read for training."""
+    doc_cap: int = 10_000
+    """Characters kept from each document (0 keeps all)."""
+
+    def __post_init__(self) -> None:
+        check_positive(self, "max_chars")
+        check_positive(self, "doc_cap", allow_zero=True)
+        if self.vocab_size < 256 + 9:
+            raise ConfigError(f"--vocab-size must be at least 265 (256 bytes + 9 special tokens), "
+                              f"got {self.vocab_size}")
+
+
+@dataclass
+class TokenizerEvalConfig:
+    name: str = "default"
+    inputs: tuple[str, ...] = ()
+    """Held-out text to measure; empty means the offline corpus's validation split."""
+
+
+TOKENIZER_PRESETS: dict[str, TokenizerTrainConfig] = {
+    "tiny": TokenizerTrainConfig(name="tiny", vocab_size=8192),
+    "d12": TokenizerTrainConfig(),
+    "d20": TokenizerTrainConfig(),
+    "d26": TokenizerTrainConfig(),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+
+
+def parse_config(
+    cls: type[C],
+    argv: list[str],
+    presets: dict[str, C] | None = None,
+    prog: str | None = None,
+    description: str | None = None,
+) -> C:
+    """Build a `cls` from `--preset NAME` (when presets are given) plus field overrides.
+
+    Errors (unknown flag, wrong type, invalid value) print a message naming the field and
+    exit with status 2, like any command-line tool.
+    """
+    default = cls()
+    if presets:
+        pre = argparse.ArgumentParser(add_help=False, prog=prog)
+        pre.add_argument("--preset", choices=sorted(presets), default=None)
+        known, argv = pre.parse_known_args(argv)
+        if known.preset:
+            default = copy.deepcopy(presets[known.preset])  # presets stay pristine
+        if description is not None:
+            description += f"\n\nPresets (--preset NAME): {', '.join(sorted(presets))}."
+    return tyro.cli(cls, args=argv, default=default, prog=prog, description=description)

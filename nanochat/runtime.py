@@ -1,0 +1,193 @@
+"""Where the code runs: device and dtype, torchrun process groups, seeding, rank-0 printing, and
+peak FLOP/s for MFU. Everything distributed goes through `torch.distributed`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from nanochat.errors import NanochatError
+
+# Peak dense bf16 tensor-core FLOP/s (no sparsity), from the vendors' data sheets. Matched against
+# torch.cuda.get_device_name() by substring, first match wins, so specific names come first.
+PEAK_BF16_FLOPS: list[tuple[str, float]] = [
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+]
+
+
+def peak_flops(device_name: str) -> float | None:
+    """Peak bf16 dense FLOP/s of a GPU by name, or None when unknown (MFU is then not reported)."""
+    for key, flops in PEAK_BF16_FLOPS:
+        if key.lower() in device_name.lower():
+            return flops
+    return None
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # None = plain fp32
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed-precision context for forward passes (a no-op in fp32)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def sync(self) -> None:
+        """Wait for queued device work (for honest timings)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def torchrun_env() -> tuple[int, int, int] | None:
+    """(rank, local_rank, world_size) when launched by torchrun, else None."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise NanochatError("--device cuda was asked for, but CUDA is not available (use --device cpu)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise NanochatError("--device mps was asked for, but MPS is not available (use --device cpu)")
+    return torch.device(name)
+
+
+def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype | None:
+    """bf16 autocast on CUDA Ampere (sm80) and newer; fp32 elsewhere unless asked otherwise."""
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+        return torch.bfloat16 if bf16 else None
+    return {"bfloat16": torch.bfloat16, "float32": None}[name]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def init_runtime(device: str = "auto", dtype: str = "auto", seed: int | None = None) -> Runtime:
+    """Pick device and dtype, join the torchrun process group if there is one, and seed.
+
+    Each rank is seeded with `seed + rank`, so ranks draw different random numbers (dropout,
+    sampling); anything that must agree across ranks (the initial weights) is broadcast by DDP or
+    drawn from an explicitly seeded generator.
+    """
+    env = torchrun_env()
+    rank, local_rank, world_size = env or (0, 0, 1)
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if env is not None and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
+    if seed is not None:
+        seed_everything(seed + rank)
+    return Runtime(dev, pick_dtype(dev, dtype), rank, local_rank, world_size)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_master() -> bool:
+    env = torchrun_env()
+    return env is None or env[0] == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on rank 0 only."""
+    if is_master():
+        print(*args, **kwargs, flush=True)
+
+
+def describe() -> dict:
+    """What `nanochat info` shows: versions, devices, torchrun and NANOCHAT_HOME."""
+    from nanochat import __version__
+    from nanochat.config import home
+
+    devices = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            devices.append({
+                "type": "cuda",
+                "name": p.name,
+                "memory_gib": round(p.total_memory / 2**30, 1),
+                "capability": f"{p.major}.{p.minor}",
+                "peak_bf16_tflops": (peak_flops(p.name) or 0) / 1e12 or None,
+            })
+    elif torch.backends.mps.is_available():
+        devices.append({"type": "mps", "name": "Apple GPU"})
+    devices.append({"type": "cpu", "name": _cpu_name(), "cores": os.cpu_count()})
+    env = torchrun_env()
+    nc_home = home()
+    probe = nc_home if nc_home.exists() else next(p for p in nc_home.parents if p.exists())
+    return {
+        "nanochat": __version__,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "numpy": np.__version__,
+        "default_device": str(pick_device()),
+        "devices": devices,
+        "torchrun": None if env is None else {"rank": env[0], "local_rank": env[1], "world_size": env[2]},
+        "home": str(nc_home),
+        "home_free_gib": round(shutil.disk_usage(probe).free / 2**30, 1),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()

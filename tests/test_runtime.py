@@ -1,0 +1,48 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanochat.runtime import init_runtime, peak_flops, pick_dtype
+
+
+def test_peak_flops_table():
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA H200") == 989e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops("Some Future Accelerator") is None
+
+
+def test_cpu_runtime_is_fp32_single_process(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    rt = init_runtime(device="cpu", seed=0)
+    assert (rt.device.type, rt.autocast_dtype, rt.rank, rt.world_size, rt.master) == ("cpu", None, 0, 1, True)
+    assert pick_dtype(torch.device("cpu"), "bfloat16") is torch.bfloat16  # explicit override wins
+    with init_runtime(device="cpu", dtype="bfloat16").autocast():
+        y = torch.nn.Linear(4, 4)(torch.randn(2, 4))
+    assert y.dtype is torch.bfloat16
+
+
+def test_torchrun_two_process_gloo_all_reduce(tmp_path):
+    worker = Path(__file__).with_name("_dist_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
+           str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["rank"] for r in records] == [0, 1]
+    assert all(r["world_size"] == 2 and r["backend"] == "gloo" for r in records)
+    assert all(r["sum"] == 3.0 for r in records)  # 1 + 2
+    assert records[0]["draw"] != records[1]["draw"]  # per-rank seeds differ
+
+
+@pytest.mark.gpu
+def test_cuda_runtime_uses_bf16_on_ampere():
+    rt = init_runtime(device="cuda")
+    expect = torch.bfloat16 if torch.cuda.get_device_capability() >= (8, 0) else None
+    assert rt.autocast_dtype is expect

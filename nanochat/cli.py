@@ -17,6 +17,7 @@ from nanochat.errors import NanochatError
 # command -> (module implementing `cli(argv) -> int`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("nanochat.cli", "versions, devices, torchrun rank and NANOCHAT_HOME"),
+    "data": ("nanochat.data.cli", "download FineWeb-Edu shards, build the offline corpus, corpus stats"),
 }
 
 

@@ -172,6 +172,24 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 
+@dataclass
+class VerifyModelConfig:
+    """`nanochat verify-model`: overfit one random batch to prove the model can learn."""
+
+    model: Annotated[ModelConfig, tyro.conf.OmitArgPrefixes] = field(
+        default_factory=lambda: ModelConfig(depth=2, aspect_ratio=32, head_dim=32, sequence_len=64))
+    vocab_size: int = 256
+    batch_size: int = 4
+    steps: int = 100
+    lr: float = 3e-3
+    target_loss: float = 0.01
+    seed: int = 0
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+
+    def __post_init__(self) -> None:
+        check_positive(self, "vocab_size", "batch_size", "steps", "lr", "target_loss")
+
+
 # --------------------------------------------------------------------------------------------
 # Tokenizer
 
@@ -237,3 +255,39 @@ def parse_config(
         if description is not None:
             description += f"\n\nPresets (--preset NAME): {', '.join(sorted(presets))}."
     return tyro.cli(cls, args=argv, default=default, prog=prog, description=description)
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class DataDownloadConfig:
+    """`nanochat data download`: fetch the first N parquet shards of a hub dataset."""
+
+    num_shards: Annotated[int, tyro.conf.arg(aliases=("-n",))] = 8
+    """How many shards (the last one is the validation split)."""
+    repo_id: str = "karpathy/fineweb-edu-100b-shuffle"
+    pattern: str = "shard_{index:05d}.parquet"
+    """File name of shard `index` inside the repository."""
+    name: str = "fineweb-edu"
+    """Folder under NANOCHAT_HOME/data to write to (`--data fineweb` reads fineweb-edu)."""
+    text_field: str = "text"
+    workers: int = 8
+
+    def __post_init__(self) -> None:
+        check_positive(self, "num_shards", "workers")
+        if self.num_shards < 2:
+            raise ConfigError("--num-shards must be at least 2: the last shard is the validation split")
+        if "{index" not in self.pattern:
+            raise ConfigError(f"--pattern must contain {{index}} (e.g. shard_{{index:05d}}.parquet), "
+                              f"got {self.pattern!r}")
+
+
+@dataclass
+class DataStatsConfig:
+    """`nanochat data stats`: documents and characters per split of a source."""
+
+    data: str = "offline"
+    """`offline`, `fineweb`, or a folder of parquet / jsonl / txt files."""
+    text_field: str = "text"

@@ -133,13 +133,15 @@ def save_checkpoint(
     meta: dict | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     keep_last: int | None = None,
+    rank_state: dict | None = None,
 ) -> Path:
     """Save a checkpoint for `step`; every rank calls this (collectively, under torchrun).
 
     `meta` holds what the caller needs to resume or rebuild: `config`, `tokenizer`, `resume`
-    (e.g. the data loader's position) — anything JSON-serialisable. Rank 0 writes the weights
-    and meta.json; each rank writes its own optimizer and RNG state. With `keep_last`, older
-    checkpoints beyond that many are deleted after the new one is in place.
+    — anything JSON-serialisable. Rank 0 writes the weights and meta.json; each rank writes its own
+    optimizer and RNG state plus `rank_state` (tensors welcome: e.g. the data loader's position and
+    buffer). With `keep_last`, older checkpoints beyond that many are deleted after the new one is
+    in place.
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -152,8 +154,9 @@ def save_checkpoint(
         tmp.mkdir()
     _barrier()
 
-    rank_state = {"optimizer": optimizer.state_dict() if optimizer is not None else None, "rng": rng_state()}
-    torch.save(rank_state, tmp / _rank_file(rank))
+    per_rank = {"optimizer": optimizer.state_dict() if optimizer is not None else None, "rng": rng_state(),
+                "extra": rank_state}
+    torch.save(per_rank, tmp / _rank_file(rank))
     _fsync_path(tmp / _rank_file(rank))
     if rank == 0:
         save_model(model, str(tmp / "model.safetensors"))
@@ -230,7 +233,8 @@ def load_checkpoint(
     restore_rng: bool = False,
     verify: bool = True,
 ) -> dict:
-    """Load a checkpoint into `model` (and `optimizer`, RNG) and return its meta.
+    """Load a checkpoint into `model` (and `optimizer`, RNG) and return its meta, with this
+    rank's `rank_state` under the key "rank_state" when optimizer or RNG state was asked for.
 
     With `expected_config`, the saved `meta["config"]` must hold the same values for every key
     given, or the load is refused before anything is touched.
@@ -265,4 +269,5 @@ def load_checkpoint(
             optimizer.load_state_dict(state["optimizer"])
         if restore_rng:
             set_rng_state(state["rng"])
+        meta["rank_state"] = state.get("extra")
     return meta

@@ -18,6 +18,7 @@ from nanochat.errors import NanochatError
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("nanochat.cli", "versions, devices, torchrun rank and NANOCHAT_HOME"),
     "data": ("nanochat.data.cli", "download FineWeb-Edu shards, build the offline corpus, corpus stats"),
+    "verify-model": ("nanochat.verify_model", "sanity check: overfit one random batch to loss ≤ 0.01"),
 }
 
 

@@ -108,15 +108,26 @@ class OptimConfig:
     embedding_lr: float = 0.2
     unembedding_lr: float = 0.004
     scalar_lr: float = 0.04
+    adamw_matrix_lr: float = 0.003
+    """Learning rate of the block matrices when --optim.optimizer adamw replaces Muon."""
+    muon_momentum: float = 0.95
+    muon_momentum_warmup: int = 300
+    """Steps over which Muon's momentum rises from 0.85 to --optim.muon-momentum."""
+    muon_embeddings: bool = False
+    """Put the token embedding on Muon too (measured worse on the tiny preset; see README)."""
     weight_decay: float = 0.0
+    """Decoupled weight decay of the Muon matrices."""
+    reference_batch_tokens: int = 524288
+    """The batch the learning rates above are tuned for; other batches scale them by sqrt(batch / this)."""
     warmup_frac: float = 0.0
     warmdown_frac: float = 0.2
     final_lr_frac: float = 0.0
 
     def __post_init__(self) -> None:
-        check_positive(self, "matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr")
-        check_positive(self, "weight_decay", allow_zero=True)
-        check_fraction(self, "warmup_frac", "warmdown_frac", "final_lr_frac")
+        check_positive(self, "matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "adamw_matrix_lr")
+        check_positive(self, "reference_batch_tokens")
+        check_positive(self, "weight_decay", "muon_momentum_warmup", allow_zero=True)
+        check_fraction(self, "warmup_frac", "warmdown_frac", "final_lr_frac", "muon_momentum")
         if self.warmup_frac + self.warmdown_frac > 1:
             raise ConfigError("--optim.warmup-frac plus --optim.warmdown-frac must not exceed 1")
 
@@ -138,8 +149,17 @@ class TrainConfig:
     """Token budget as a multiple of the parameter count (Chinchilla ≈ 20); ignored if --max-steps."""
     max_steps: int = 0
     """Explicit number of optimizer steps; 0 derives it from --tokens-per-param."""
+    data: str = "fineweb"
+    """`offline`, `fineweb` (downloaded shards), or a folder of parquet / jsonl / txt files."""
+    text_field: str = "text"
     eval_every: int = 250
+    """Steps between validation bpb measurements and samples (0: only at the end)."""
+    eval_tokens: int = 10_485_760
+    """Validation tokens per bpb measurement (the whole split when it is smaller)."""
     save_every: int = 1000
+    """Steps between checkpoints (0: only at the end)."""
+    resume: bool = False
+    """Continue from the run's latest checkpoint."""
     keep_last: int = 2
     seed: int = 42
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
@@ -147,7 +167,7 @@ class TrainConfig:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        check_positive(self, "total_batch_tokens", "micro_batch", "tokens_per_param", "keep_last")
+        check_positive(self, "total_batch_tokens", "micro_batch", "tokens_per_param", "keep_last", "eval_tokens")
         check_positive(self, "max_steps", "eval_every", "save_every", allow_zero=True)
 
 
@@ -158,17 +178,21 @@ def _preset(depth: int, **overrides) -> TrainConfig:
 PRESETS: dict[str, TrainConfig] = {
     # Minutes on a 2-core CPU: a 4-layer, 128-wide model on short sequences.
     "tiny": TrainConfig(
+        run="tiny",
         tokenizer="tiny",
+        data="offline",
         model=ModelConfig(depth=4, aspect_ratio=32, head_dim=32, sequence_len=256),
+        optim=OptimConfig(reference_batch_tokens=8192),
         total_batch_tokens=8192,
         micro_batch=16,
         max_steps=300,
         eval_every=100,
+        eval_tokens=131072,
         save_every=100,
     ),
-    "d12": _preset(12),
-    "d20": _preset(20),
-    "d26": _preset(26, micro_batch=16),
+    "d12": _preset(12, run="d12"),
+    "d20": _preset(20, run="d20"),
+    "d26": _preset(26, run="d26", micro_batch=16),
 }
 
 
@@ -180,14 +204,18 @@ class VerifyModelConfig:
         default_factory=lambda: ModelConfig(depth=2, aspect_ratio=32, head_dim=32, sequence_len=64))
     vocab_size: int = 256
     batch_size: int = 4
+    """Rows of the random batch; each starts with a different token, so at most --vocab-size."""
     steps: int = 100
-    lr: float = 3e-3
+    lr: float = 1e-2
+    """AdamW learning rate (one for all parameters)."""
     target_loss: float = 0.01
     seed: int = 0
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
 
     def __post_init__(self) -> None:
         check_positive(self, "vocab_size", "batch_size", "steps", "lr", "target_loss")
+        if self.batch_size > self.vocab_size:
+            raise ConfigError(f"--batch-size ({self.batch_size}) must not exceed --vocab-size ({self.vocab_size})")
 
 
 # --------------------------------------------------------------------------------------------

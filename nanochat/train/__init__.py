@@ -1,0 +1,1 @@
+"""Training stages: pretrain, chat (midtrain + SFT), and the loop they share."""

@@ -110,3 +110,18 @@ def test_two_ranks_under_torchrun_split_the_single_rank_stream(tmp_path):
         assert torch.equal(ranks[0][step], rows[0::2])
         assert torch.equal(ranks[1][step], rows[1::2])
     single.close()
+
+
+def test_real_tokenizer_and_special_token_text(tmp_path):
+    """With the Rust BPE tokenizer: documents that contain special-token strings are plain text."""
+    from nanochat.tokenizer import Tokenizer
+
+    docs = make_corpus(tmp_path)
+    tok = Tokenizer.train(docs, 300)
+    pq.write_table(pa.table({"text": ["talk about <|bos|> and <|user_start|> markers"] * 50}), tmp_path / "a.parquet")
+    dl = DataLoader(folder_source(tmp_path), tok, batch_size=4, seq_len=32, buffer_docs=16)
+    rows = torch.cat([torch.cat([x, y[:, -1:]], 1) for x, y in (next(dl) for _ in range(40))])
+    dl.close()
+    assert (rows[:, 0] == tok.bos_id).all()
+    specials = set(tok.special_tokens.values())
+    assert set(rows.flatten().tolist()) & specials == {tok.bos_id}  # no other special id was produced

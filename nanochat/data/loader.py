@@ -3,8 +3,10 @@
 Packing. Every document becomes `[BOS] + tokens`. Rows hold T+1 tokens (x = row[:-1],
 y = row[1:]) and always *start at a document start*: a row is filled best-fit from a buffer of
 tokenized documents — repeatedly the longest document that still fits — and when none fits,
-the shortest one is cropped to fill the row exactly. No padding, every row BOS-aligned; the
-price is the cropped tail, reported as `cropped_fraction`.
+the shortest one is cropped to fill the row exactly. A document longer than a whole row loses
+its tail whatever we do, so it gets a row to itself (cropping it into a partly filled row would
+waste more). No padding, every row BOS-aligned; the price is the cropped tails, reported as
+`cropped_fraction`.
 
 Determinism and resume. The stream of rows depends only on the data, the tokenizer and the seed.
 The loader's state (read position + the buffered documents) travels with every batch, so
@@ -93,12 +95,14 @@ class _Packer:
                 raise ValueError(f"the {self.split} split of {self.source.name} has no files")
             while pos.file < len(files):
                 for texts in self.source.units(files[pos.file], start=pos.unit):
-                    encoded = self.tokenizer.encode_batch(texts[pos.doc:], num_threads=self.num_threads)
-                    for ids in encoded:
+                    # A document that happens to contain "<|bos|>" is text, not a control token.
+                    ids, offsets = self.tokenizer.encode_batch_numpy(texts[pos.doc:], num_threads=self.num_threads,
+                                                                     disallowed_special=())
+                    for start, end in zip(offsets[:-1], offsets[1:], strict=True):
                         pos.doc += 1
-                        doc = np.empty(len(ids) + 1, dtype=np.int32)
+                        doc = np.empty(end - start + 1, dtype=np.int32)
                         doc[0] = self.bos
-                        doc[1:] = ids
+                        doc[1:] = ids[start:end]
                         yield doc
                     pos.unit, pos.doc = pos.unit + 1, 0
                 pos.file, pos.unit = pos.file + 1, 0
@@ -134,10 +138,13 @@ class _Packer:
             if not st.keys:  # data ran out mid-row: end the stream here (the partial row is dropped)
                 return None
             room = self.row_len - filled
-            i = bisect.bisect(st.keys, (room, float("inf"))) - 1  # longest that fits
-            take_whole = i >= 0
-            if not take_whole:
-                i = 0  # none fits: crop the shortest
+            if filled == 0 and st.keys[-1][0] > room:
+                i = len(st.keys) - 1  # a document longer than a row is cropped anyway: let it fill a row alone
+            else:
+                i = bisect.bisect(st.keys, (room, float("inf"))) - 1  # the longest that fits
+                if i < 0:
+                    i = 0  # none fits: crop the shortest, which wastes least
+            take_whole = st.keys[i][0] <= room
             st.keys.pop(i)
             doc = st.docs.pop(i)
             n = len(doc) if take_whole else room

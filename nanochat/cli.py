@@ -16,9 +16,12 @@ from nanochat.errors import NanochatError
 
 # command -> (module implementing `cli(argv) -> int`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "speedrun": ("nanochat.speedrun", "every stage from one command (tiny on a CPU, d20 on GPUs)"),
     "info": ("nanochat.cli", "versions, devices, torchrun rank and NANOCHAT_HOME"),
     "data": ("nanochat.data.cli", "download FineWeb-Edu shards, build the offline corpus, corpus stats"),
+    "tokenizer": ("nanochat.tokenizer", "train a BPE tokenizer; bytes per token vs cl100k/o200k"),
     "verify-model": ("nanochat.verify_model", "sanity check: overfit one random batch to loss ≤ 0.01"),
+    "pretrain": ("nanochat.train.pretrain", "base pretraining (--preset tiny|d12|d20|d26, torchrun-ready)"),
 }
 
 

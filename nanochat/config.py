@@ -176,7 +176,7 @@ def _preset(depth: int, **overrides) -> TrainConfig:
 
 
 PRESETS: dict[str, TrainConfig] = {
-    # Minutes on a 2-core CPU: a 4-layer, 128-wide model on short sequences.
+    # Minutes on a 2-core CPU: a 4-layer, 128-wide model on short sequences, 4k vocabulary.
     "tiny": TrainConfig(
         run="tiny",
         tokenizer="tiny",
@@ -185,9 +185,9 @@ PRESETS: dict[str, TrainConfig] = {
         optim=OptimConfig(reference_batch_tokens=8192),
         total_batch_tokens=8192,
         micro_batch=16,
-        max_steps=300,
+        max_steps=200,
         eval_every=100,
-        eval_tokens=131072,
+        eval_tokens=65536,
         save_every=100,
     ),
     "d12": _preset(12, run="d12"),
@@ -250,7 +250,7 @@ class TokenizerEvalConfig:
 
 
 TOKENIZER_PRESETS: dict[str, TokenizerTrainConfig] = {
-    "tiny": TokenizerTrainConfig(name="tiny", vocab_size=8192),
+    "tiny": TokenizerTrainConfig(name="tiny", vocab_size=4096),
     "d12": TokenizerTrainConfig(),
     "d20": TokenizerTrainConfig(),
     "d26": TokenizerTrainConfig(),

@@ -168,9 +168,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, total_batch_tokens: int)
         torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, fused=on_cuda)
     ]
     if cfg.optimizer == "muon" and groups["matrix"]:
+        # bf16 matmuls are the fast path on GPUs; CPUs without bf16 units emulate them ~20x slower.
+        ns_dtype = "bfloat16" if on_cuda else "float32"
         optimizers.insert(0, Muon([{"params": groups["matrix"], "name": "matrix"}],
                                   lr=cfg.matrix_lr * batch_scale, momentum=cfg.muon_momentum,
-                                  weight_decay=cfg.weight_decay))
+                                  weight_decay=cfg.weight_decay, ns_dtype=ns_dtype))
     for group in (g for opt in optimizers for g in opt.param_groups):
         group["base_lr"] = group["lr"]
     return HybridOptimizer(optimizers)

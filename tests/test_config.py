@@ -1,6 +1,6 @@
 import pytest
 
-from nanochat.config import PRESETS, ConfigError, ModelConfig, OptimConfig, TrainConfig, parse_config
+from nanochat.config import PRESETS, TOKENIZER_PRESETS, ConfigError, ModelConfig, OptimConfig, TrainConfig, parse_config
 
 
 def parse(*argv):
@@ -62,3 +62,9 @@ def test_validation_applies_to_python_construction_too():
         TrainConfig(total_batch_tokens=0)
     with pytest.raises(ConfigError, match="--matrix-lr"):
         OptimConfig(matrix_lr=-1.0)
+
+
+def test_every_training_preset_has_a_tokenizer_preset():
+    assert set(TOKENIZER_PRESETS) == set(PRESETS)
+    for name, preset in PRESETS.items():
+        assert TOKENIZER_PRESETS[name].name == preset.tokenizer

@@ -1,0 +1,33 @@
+import copy
+import json
+
+import pytest
+
+from nanochat import speedrun
+from nanochat.config import PRESETS, TOKENIZER_PRESETS, TokenizerTrainConfig, run_dir
+
+
+@pytest.mark.slow
+def test_tiny_speedrun_runs_every_built_stage_then_skips_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NANOCHAT_HOME", str(tmp_path))
+    tiny = copy.deepcopy(PRESETS["tiny"])
+    tiny.max_steps, tiny.eval_every, tiny.save_every, tiny.eval_tokens = 6, 3, 3, 8192
+    monkeypatch.setitem(PRESETS, "tiny", tiny)  # the real preset, shortened
+    monkeypatch.setitem(TOKENIZER_PRESETS, "tiny", TokenizerTrainConfig(name="tiny", vocab_size=1024))
+
+    assert speedrun.cli(["--preset", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "| tiny | 1,024 |" in out  # the tokenizer eval table, against cl100k/o200k
+    assert "cl100k_base" in out and "o200k_base" in out
+    for stage in speedrun.NOT_BUILT:
+        assert f"=== {stage} ===\nnot built yet" in out
+    summary = json.loads((run_dir("tiny") / "speedrun.json").read_text())
+    status = {s["stage"]: s["status"] for s in summary["stages"]}
+    assert status["pretrain"] == "done" and status["tokenizer train"] == "done"
+    assert "validation bits per byte" in out
+
+    assert speedrun.cli(["--preset", "tiny"]) == 0  # a re-run skips what is finished
+    out = capsys.readouterr().out
+    status = {s["stage"]: s["status"] for s in json.loads((run_dir("tiny") / "speedrun.json").read_text())["stages"]}
+    assert status["pretrain"] == "skipped" and status["tokenizer train"] == "skipped"
+    assert "already finished" in out

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from nanochat.errors import NanochatError
 
-# command -> (module implementing `cli(argv) -> int`, one-line help)
+# command -> ("module" whose `cli(argv) -> int` runs it, or "module:function"; one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "speedrun": ("nanochat.speedrun", "every stage from one command (tiny on a CPU, d20 on GPUs)"),
     "info": ("nanochat.cli", "versions, devices, torchrun rank and NANOCHAT_HOME"),
@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("nanochat.tokenizer", "train a BPE tokenizer; bytes per token vs cl100k/o200k"),
     "verify-model": ("nanochat.verify_model", "sanity check: overfit one random batch to loss ≤ 0.01"),
     "pretrain": ("nanochat.train.pretrain", "base pretraining (--preset tiny|d12|d20|d26, torchrun-ready)"),
+    "midtrain": ("nanochat.train.chat:midtrain_cli", "teach the chat format, tools and identity (base -> mid)"),
+    "sft": ("nanochat.train.chat:sft_cli", "supervised fine-tuning on conversations (mid -> sft)"),
 }
 
 
@@ -48,9 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         print(f"nanochat: unknown command '{command}'{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[command][0])
+    module_name, _, function = COMMANDS[command][0].partition(":")
+    run = getattr(importlib.import_module(module_name), function or "cli")
     try:
-        return module.cli(rest) or 0
+        return run(rest) or 0
     except NanochatError as e:
         print(f"nanochat {command}: error: {e}", file=sys.stderr)
         return 1

@@ -152,6 +152,8 @@ class TrainConfig:
     data: str = "fineweb"
     """`offline`, `fineweb` (downloaded shards), or a folder of parquet / jsonl / txt files."""
     text_field: str = "text"
+    skip_bad_data: bool = False
+    """Warn and skip unreadable files or records instead of stopping."""
     eval_every: int = 250
     """Steps between validation bpb measurements and samples (0: only at the end)."""
     eval_tokens: int = 10_485_760
@@ -194,6 +196,54 @@ PRESETS: dict[str, TrainConfig] = {
     "d20": _preset(20, run="d20"),
     "d26": _preset(26, run="d26", micro_batch=16),
 }
+
+
+@dataclass
+class ChatConfig:
+    """Midtraining and SFT: continue a run's model on chat conversations."""
+
+    run: str = "default"
+    """The run whose base (midtrain) or mid (SFT) checkpoint is the starting point."""
+    tasks: str = ""
+    """Task mixture, e.g. `identity:2,wiki,spelling,arithmetic`; empty = the stage's offline default."""
+    epochs: int = 1
+    batch_size: int = 32
+    """Sequences per optimizer step, over micro-batches and ranks."""
+    micro_batch: int = 16
+    """Sequences per forward/backward on one device."""
+    max_steps: int = 0
+    """0 = one pass over the mixture (× epochs)."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(warmdown_frac=1.0))
+    lr_scale: float = 1.0
+    """Multiplies every learning rate of --optim (chat stages usually want smaller steps)."""
+    eval_every: int = 0
+    """Steps between validation losses (0: only at the end)."""
+    save_every: int = 0
+    keep_last: int = 1
+    seed: int = 42
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    compile: bool = False
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        check_positive(self, "epochs", "batch_size", "micro_batch", "keep_last", "lr_scale")
+        check_positive(self, "max_steps", "eval_every", "save_every", allow_zero=True)
+
+
+def _chat_presets(tiny_steps: int) -> dict[str, ChatConfig]:
+    return {
+        # A few minutes on 2 CPU cores: rows of the base model's 256 tokens, 16 per step.
+        "tiny": ChatConfig(run="tiny", batch_size=16, micro_batch=16, max_steps=tiny_steps,
+                           optim=OptimConfig(reference_batch_tokens=8192, warmdown_frac=1.0), lr_scale=0.5),
+        "d12": ChatConfig(run="d12"),
+        "d20": ChatConfig(run="d20"),
+        "d26": ChatConfig(run="d26", micro_batch=8),
+    }
+
+
+MIDTRAIN_PRESETS = _chat_presets(tiny_steps=250)
+SFT_PRESETS = _chat_presets(tiny_steps=150)
 
 
 @dataclass

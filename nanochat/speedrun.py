@@ -2,7 +2,7 @@
 
 On a CPU it picks the `tiny` preset on the offline corpus (minutes on 2 cores); with GPUs, `d20`
 on FineWeb-Edu, launching `torchrun` with one process per GPU for the training stages. Each
-stage runs through the same `cli(argv)` as its own command, so the speedrun does nothing a user
+stage runs through the same `nanochat <command>` a user would type, so the speedrun does nothing a user
 could not do by hand. Finished stages are skipped on a re-run, and an interrupted pretraining is
 resumed. Stages that do not exist yet are listed as such, never faked.
 """
@@ -22,7 +22,7 @@ from nanochat.checkpoint import latest_checkpoint, read_meta
 from nanochat.config import PRESETS, home, parse_config, run_dir, tokenizer_dir
 from nanochat.runtime import torchrun_env
 
-NOT_BUILT = ["midtrain", "sft", "eval", "report", "chat"]
+NOT_BUILT = ["eval", "report", "chat"]
 
 
 @dataclass
@@ -39,17 +39,17 @@ class SpeedrunConfig:
     """Processes per node for the training stages; 0 = one per CUDA GPU (1 on CPU)."""
 
 
-def _run_stage(module: str, argv: list[str], nproc: int) -> None:
-    """Run a stage's cli in this process, or under torchrun when several processes are wanted."""
+def _run_stage(argv: list[str], nproc: int) -> None:
+    """Run a `nanochat` command in this process, or under torchrun when several processes are wanted."""
     if nproc <= 1 or torchrun_env() is not None:
-        import importlib
+        from nanochat.cli import main
 
-        code = importlib.import_module(module).cli(argv)
+        code = main(argv)
         if code:
             raise SystemExit(code)
         return
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "nanochat.cli", "--", module.rsplit(".", 1)[-1], *argv]
+               "-m", "nanochat.cli", "--", *argv]
     print("$ " + " ".join(command), flush=True)
     subprocess.run(command, check=True)
 
@@ -84,7 +84,7 @@ def cli(argv: list[str]) -> int:
 
             print(build_offline_corpus())
         elif data == "fineweb":
-            _run_stage("nanochat.data.cli", ["download", "-n", str(cfg.shards)], 1)
+            _run_stage(["data", "download", "-n", str(cfg.shards)], 1)
         else:
             from nanochat.data.sources import resolve_source
 
@@ -94,9 +94,9 @@ def cli(argv: list[str]) -> int:
     tok_done = (tokenizer_dir(tok_name) / "tokenizer.json").is_file()
     tok_inputs = ["--inputs", data]
     stage("tokenizer train", f"tokenizer '{tok_name}' exists in {tokenizer_dir(tok_name)}" if tok_done else None,
-          lambda: _run_stage("nanochat.tokenizer", ["train", "--preset", preset, *tok_inputs], 1))
+          lambda: _run_stage(["tokenizer", "train", "--preset", preset, *tok_inputs], 1))
     stage("tokenizer eval", None,
-          lambda: _run_stage("nanochat.tokenizer", ["eval", "--name", tok_name, *tok_inputs], 1))
+          lambda: _run_stage(["tokenizer", "eval", "--name", tok_name, *tok_inputs], 1))
 
     last = latest_checkpoint(run_dir(run))
     finished = last is not None and read_meta(last, verify=False).get("final")
@@ -104,7 +104,14 @@ def cli(argv: list[str]) -> int:
     if last is not None and not finished:
         pretrain_argv.append("--resume")
     stage("pretrain", f"run '{run}' already finished ({last})" if finished else None,
-          lambda: _run_stage("nanochat.train.pretrain", pretrain_argv, nproc))
+          lambda: _run_stage(["pretrain", *pretrain_argv], nproc))
+
+    for name, sub in (("midtrain", "mid"), ("sft", "sft")):
+        last = latest_checkpoint(run_dir(run) / sub)
+        finished = last is not None and read_meta(last, verify=False).get("final")
+        chat_argv = [name, "--preset", preset, "--run", run] + (["--resume"] if last and not finished else [])
+        stage(name, f"{name} of run '{run}' already finished ({last})" if finished else None,
+              lambda argv=chat_argv: _run_stage(argv, nproc))
 
     for name in NOT_BUILT:
         print(f"=== {name} ===\nnot built yet: this stage arrives with its issue\n", flush=True)
@@ -124,6 +131,9 @@ def cli(argv: list[str]) -> int:
     if last is not None:
         bpb = read_meta(last, verify=False).get("val_bpb")
         print(f"\nbase model: {last} (validation bits per byte {bpb:.4f})" if bpb else f"\nbase model: {last}")
-    print("chatting needs the chat stages (midtrain, SFT) and `nanochat chat`, which are not built yet.")
+    sft = latest_checkpoint(run_dir(run) / "sft")
+    if sft is not None:
+        print(f"chat model: {sft}\nto talk to it: `nanochat chat` arrives with its issue (not built yet); the SFT "
+              f"stage's sample chats are in {run_dir(run) / 'metrics.jsonl'}")
     return 0
 

@@ -1,6 +1,16 @@
 import pytest
 
-from nanochat.config import PRESETS, TOKENIZER_PRESETS, ConfigError, ModelConfig, OptimConfig, TrainConfig, parse_config
+from nanochat.config import (
+    MIDTRAIN_PRESETS,
+    PRESETS,
+    SFT_PRESETS,
+    TOKENIZER_PRESETS,
+    ConfigError,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    parse_config,
+)
 
 
 def parse(*argv):
@@ -64,7 +74,7 @@ def test_validation_applies_to_python_construction_too():
         OptimConfig(matrix_lr=-1.0)
 
 
-def test_every_training_preset_has_a_tokenizer_preset():
-    assert set(TOKENIZER_PRESETS) == set(PRESETS)
+def test_every_training_preset_has_tokenizer_and_chat_presets():
+    assert set(TOKENIZER_PRESETS) == set(PRESETS) == set(MIDTRAIN_PRESETS) == set(SFT_PRESETS)
     for name, preset in PRESETS.items():
         assert TOKENIZER_PRESETS[name].name == preset.tokenizer

@@ -1,10 +1,11 @@
 import copy
+import dataclasses
 import json
 
 import pytest
 
 from nanochat import speedrun
-from nanochat.config import PRESETS, TOKENIZER_PRESETS, TokenizerTrainConfig, run_dir
+from nanochat.config import MIDTRAIN_PRESETS, PRESETS, SFT_PRESETS, TOKENIZER_PRESETS, TokenizerTrainConfig, run_dir
 
 
 @pytest.mark.slow
@@ -14,6 +15,8 @@ def test_tiny_speedrun_runs_every_built_stage_then_skips_them(tmp_path, monkeypa
     tiny.max_steps, tiny.eval_every, tiny.save_every, tiny.eval_tokens = 6, 3, 3, 8192
     monkeypatch.setitem(PRESETS, "tiny", tiny)  # the real preset, shortened
     monkeypatch.setitem(TOKENIZER_PRESETS, "tiny", TokenizerTrainConfig(name="tiny", vocab_size=1024))
+    for presets in (MIDTRAIN_PRESETS, SFT_PRESETS):
+        monkeypatch.setitem(presets, "tiny", dataclasses.replace(presets["tiny"], max_steps=3))
 
     assert speedrun.cli(["--preset", "tiny"]) == 0
     out = capsys.readouterr().out
@@ -23,11 +26,12 @@ def test_tiny_speedrun_runs_every_built_stage_then_skips_them(tmp_path, monkeypa
         assert f"=== {stage} ===\nnot built yet" in out
     summary = json.loads((run_dir("tiny") / "speedrun.json").read_text())
     status = {s["stage"]: s["status"] for s in summary["stages"]}
-    assert status["pretrain"] == "done" and status["tokenizer train"] == "done"
+    assert all(status[s] == "done" for s in ("tokenizer train", "pretrain", "midtrain", "sft"))
     assert "validation bits per byte" in out
+    assert "closes its turn on" in out  # the chat stages' held-out checks ran
 
     assert speedrun.cli(["--preset", "tiny"]) == 0  # a re-run skips what is finished
     out = capsys.readouterr().out
     status = {s["stage"]: s["status"] for s in json.loads((run_dir("tiny") / "speedrun.json").read_text())["stages"]}
-    assert status["pretrain"] == "skipped" and status["tokenizer train"] == "skipped"
+    assert all(status[s] == "skipped" for s in ("tokenizer train", "pretrain", "midtrain", "sft"))
     assert "already finished" in out

@@ -68,21 +68,47 @@ def train_step(model: nn.Module, optimizer, batches: Iterator[tuple[torch.Tensor
 
 
 @torch.no_grad()
-def greedy_samples(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, rt: Runtime) -> list[str]:
-    """Greedy continuations of `prompts`, batched through the KV cache (prompts right-aligned)."""
-    ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
-    width = max(map(len, ids))
-    pad = torch.tensor([width - len(row) for row in ids])
-    idx = torch.tensor([[0] * (width - len(row)) + row for row in ids], device=rt.device)
+def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, rt: Runtime,
+             stop_id: int | None = None, temperature: float = 0.0, top_k: int | None = None,
+             seed: int = 0) -> list[list[int]]:
+    """Continuations of token-id prompts, batched through the KV cache (prompts right-aligned):
+    greedy at temperature 0, else sampled from the top_k most likely tokens with a seeded
+    generator (reproducible). A row stops after `stop_id`, which is kept in its output."""
+    width = max(map(len, prompts))
+    pad = torch.tensor([width - len(row) for row in prompts])
+    idx = torch.tensor([[0] * (width - len(row)) + row for row in prompts], device=rt.device)
+    rng = torch.Generator(device=rt.device).manual_seed(seed)
     was_training = model.training
     model.eval()
-    cache = model.new_kv_cache(len(ids), width + max_new_tokens, pad=pad, dtype=rt.autocast_dtype or torch.float32)
-    new = []
+    cache = model.new_kv_cache(len(prompts), width + max_new_tokens, pad=pad,
+                               dtype=rt.autocast_dtype or torch.float32)
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
     with rt.autocast():
         logits = model(idx, kv_cache=cache)
         for _ in range(max_new_tokens):
-            next_ids = logits[:, -1].argmax(-1, keepdim=True)
-            new.append(next_ids)
+            last = logits[:, -1].float()
+            if temperature <= 0:
+                next_ids = last.argmax(-1, keepdim=True)
+            else:
+                if top_k is not None:
+                    kth = torch.topk(last, min(top_k, last.size(-1))).values[:, -1:]
+                    last = last.masked_fill(last < kth, float("-inf"))
+                probs = torch.softmax(last / temperature, dim=-1)
+                next_ids = torch.multinomial(probs, 1, generator=rng)
+            for row, token in enumerate(next_ids[:, 0].tolist()):
+                if not done[row]:
+                    out[row].append(token)
+                    done[row] = token == stop_id
+            if all(done):
+                break
             logits = model(next_ids, kv_cache=cache)
     model.train(was_training)
-    return [p + tokenizer.decode(row) for p, row in zip(prompts, torch.cat(new, 1).tolist(), strict=True)]
+    return out
+
+
+def greedy_samples(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, rt: Runtime) -> list[str]:
+    """Greedy continuations of text prompts (each after BOS), as prompt + continuation."""
+    ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
+    outs = generate(model, ids, max_new_tokens, rt)
+    return [p + tokenizer.decode(o) for p, o in zip(prompts, outs, strict=True)]

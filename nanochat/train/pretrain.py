@@ -66,7 +66,7 @@ def _resume_keys(cfg: TrainConfig) -> dict:
 def pretrain(cfg: TrainConfig, rt: Runtime) -> dict:
     """Train (or resume) the run `cfg.run`; returns a summary of the finished run."""
     tok = load_tokenizer(cfg.tokenizer)
-    source = resolve_source(cfg.data, cfg.text_field)
+    source = resolve_source(cfg.data, cfg.text_field, cfg.skip_bad_data)
     T = cfg.model.sequence_len
     accum = grad_accum_steps(cfg.total_batch_tokens, cfg.micro_batch, T, rt.world_size)
     run = run_dir(cfg.run)
@@ -130,6 +130,7 @@ def pretrain(cfg: TrainConfig, rt: Runtime) -> dict:
     logger = MetricsLogger(run / "metrics.jsonl", config=config, run_name=cfg.run)
     progress_bar = progress(total=total_steps, initial=step, desc="pretrain", unit="step")
     started = time.time()
+    first_step = step
     try:
         while step < total_steps:
             lr_mult = apply_schedule(optimizer, step, total_steps, cfg.optim)
@@ -146,8 +147,10 @@ def pretrain(cfg: TrainConfig, rt: Runtime) -> dict:
             step += 1
             tok_per_s = cfg.total_batch_tokens / dt
             mfu = flops_per_token * tok_per_s / (peak * rt.world_size) if peak else None
-            logger.log(step, stage="pretrain", loss=loss, lr_mult=lr_mult, tok_per_s=tok_per_s, mfu=mfu,
-                       cropped=loader.cropped_fraction, elapsed=time.time() - started)
+            elapsed = time.time() - started
+            logger.log(step, stage="pretrain", loss=loss, lr=optimizer.param_groups[0]["lr"], lr_mult=lr_mult,
+                       tok_per_s=tok_per_s, mfu=mfu, cropped=loader.cropped_fraction, elapsed=elapsed,
+                       eta_s=elapsed / (step - first_step) * (total_steps - step))
             progress_bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_per_s:,.0f}",
                                      **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
             progress_bar.update()

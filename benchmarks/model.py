@@ -5,7 +5,7 @@
 
 MFU = tokens/s × GPT.flops_per_token() / peak FLOP/s (the PaLM accounting nanochat also reports).
 On CUDA: d12 and d20 (vocab 65,536, sequence 2048), bf16 autocast, torch.compile; peak from
-nanochat.runtime.peak_flops. On CPU: the tiny preset (vocab 8192) in fp32 against an *estimated*
+nanochat.runtime.peak_flops. On CPU: the tiny preset (its 4,096 vocabulary) in fp32 against an *estimated*
 peak of threads × clock × FP32 FLOPs per cycle from the SIMD width (AVX-512: 64, AVX2+FMA: 32):
 /proc/cpuinfo's current clock, not a measured roofline, so read that MFU as rough.
 
@@ -23,7 +23,7 @@ import time
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from nanochat.config import PRESETS
+from nanochat.config import PRESETS, TOKENIZER_PRESETS
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.runtime import init_runtime, peak_flops
 
@@ -88,7 +88,7 @@ def main() -> None:
     rows = []  # (device, model, attention, dtype, compile, batch, T, tok/s, flops/token, peak)
     if args.device in ("auto", "cpu"):
         tiny = PRESETS["tiny"]
-        cfg = GPTConfig.from_model_config(tiny.model, vocab_size=8192)
+        cfg = GPTConfig.from_model_config(tiny.model, vocab_size=TOKENIZER_PRESETS["tiny"].vocab_size)
         peak = cpu_peak_flops()
         for math_attention in (False, True):
             tps, batch, fpt = measure(cfg, tiny.micro_batch // 2, torch.device("cpu"), None, False, math_attention,

@@ -22,7 +22,7 @@ from nanochat.checkpoint import latest_checkpoint, read_meta
 from nanochat.config import PRESETS, home, parse_config, run_dir, tokenizer_dir
 from nanochat.runtime import torchrun_env
 
-NOT_BUILT = ["eval", "report", "chat"]
+NOT_BUILT = ["eval", "chat"]
 
 
 @dataclass
@@ -52,6 +52,14 @@ def _run_stage(argv: list[str], nproc: int) -> None:
                "-m", "nanochat.cli", "--", *argv]
     print("$ " + " ".join(command), flush=True)
     subprocess.run(command, check=True)
+
+
+def _write_summary(run: str, preset: str, data: str, timings: list[tuple[str, str, float]]) -> None:
+    summary = {"preset": preset, "run": run, "data": data, "stages": [
+        {"stage": n, "status": s, "seconds": round(t, 2)} for n, s, t in timings]}
+    out = run_dir(run) / "speedrun.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2))
 
 
 def cli(argv: list[str]) -> int:
@@ -113,7 +121,12 @@ def cli(argv: list[str]) -> int:
         stage(name, f"{name} of run '{run}' already finished ({last})" if finished else None,
               lambda argv=chat_argv: _run_stage(argv, nproc))
 
-    for name in NOT_BUILT:
+    for name in NOT_BUILT[:1]:  # evaluation comes before the report card
+        print(f"=== {name} ===\nnot built yet: this stage arrives with its issue\n", flush=True)
+        timings.append((name, "not built yet", 0.0))
+    _write_summary(run, preset, data, timings)  # the report reads the timings
+    stage("report", None, lambda: _run_stage(["report", "--run", run], 1))
+    for name in NOT_BUILT[1:]:
         print(f"=== {name} ===\nnot built yet: this stage arrives with its issue\n", flush=True)
         timings.append((name, "not built yet", 0.0))
 
@@ -122,11 +135,7 @@ def cli(argv: list[str]) -> int:
     for name, status, seconds in timings:
         print(f"| {name} | {status} | {seconds:.1f} |")
     print(f"| total | | {total:.1f} |")
-    summary = {"preset": preset, "run": run, "data": data, "stages": [
-        {"stage": n, "status": s, "seconds": round(t, 2)} for n, s, t in timings]}
-    out = run_dir(run) / "speedrun.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2))
+    _write_summary(run, preset, data, timings)
     last = latest_checkpoint(run_dir(run))
     if last is not None:
         bpb = read_meta(last, verify=False).get("val_bpb")

@@ -1,0 +1,196 @@
+"""`nanochat report`: the report card of a run — `runs/<run>/report.md` with PNG plots beside it.
+
+Everything in it is read from what the run wrote: `metrics.jsonl` (every stage logs there),
+the checkpoints' meta.json, `speedrun.json` (stage timings) and `eval/*.json` (evaluation results,
+one file per model stage). A number the run did not produce is shown as "—", never invented.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+from nanochat.checkpoint import latest_checkpoint, read_meta  # noqa: E402
+from nanochat.config import parse_config, run_dir  # noqa: E402
+from nanochat.errors import NanochatError  # noqa: E402
+from nanochat.metrics import read_metrics  # noqa: E402
+
+STAGES = (("pretrain", "base", ""), ("mid", "mid", "mid"), ("sft", "sft", "sft"))  # log name, label, subdir
+
+
+@dataclass
+class ReportConfig:
+    run: str = "default"
+    gpu_hour_usd: float = 2.5
+    """Price of one GPU-hour, for the cost estimate (CPU runs are not priced)."""
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _plot(path: Path, title: str, series: list[tuple[str, list[int], list[float]]], ylabel: str) -> None:
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    for label, xs, ys in series:
+        ax.plot(xs, ys, label=label, marker="o" if len(xs) < 20 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def build_report(run: str, gpu_hour_usd: float = 2.5) -> Path:
+    folder = run_dir(run)
+    metrics_path = folder / "metrics.jsonl"
+    if not metrics_path.is_file():
+        raise NanochatError(f"run '{run}' has no metrics in {folder}; train it first (`nanochat speedrun` or "
+                            "`nanochat pretrain`)")
+    records = list(read_metrics(metrics_path))
+    by_stage = {name: [r for r in records if r.get("stage") == name] for name, _, _ in STAGES}
+    from nanochat.runtime import describe
+
+    env = describe()
+    lines = [f"# nanochat report: run `{run}`", "",
+             f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from `{folder}`.", "", "## Environment", "",
+             "| | |", "|---|---|", f"| commit | {_git_commit()} |",
+             f"| nanochat / torch | {env['nanochat']} / {env['torch']} |"]
+    lines += [f"| device | {d['type']}: {d['name']} |" for d in env["devices"]]
+    lines += ["", "## Stages", "",
+              "| stage | steps | parameters | tokens or conversations | wall-clock | mean tok/s | mean MFU "
+              "| final loss | validation |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    tokenizer_meta = None
+    for name, label, sub in STAGES:
+        steps = [r for r in by_stage[name] if "loss" in r]
+        ckpt = latest_checkpoint(folder / sub if sub else folder)
+        meta = read_meta(ckpt, verify=False) if ckpt else {}
+        tokenizer_meta = tokenizer_meta or meta.get("tokenizer")
+        if not steps:
+            lines.append(f"| {label} | — | — | — | — | — | — | — | not run |")
+            continue
+        params = _num_params(meta)
+        tok_s = [r["tok_per_s"] for r in steps if r.get("tok_per_s")]
+        mfus = [r["mfu"] for r in steps if r.get("mfu") is not None]
+        config = meta.get("config", {})
+        volume = (f"{config['total_batch_tokens'] * len(steps):,} tokens" if name == "pretrain" and config
+                  else f"{config.get('batch_size', 0) * len(steps):,} sequences" if config else "—")
+        val = [r for r in by_stage[name] if "val_bpb" in r or "val_loss" in r]
+        val_text = (f"bpb {val[-1]['val_bpb']:.4f}" if val and "val_bpb" in val[-1]
+                    else f"loss {val[-1]['val_loss']:.4f}" if val else "—")
+        mean_tok_s = _fmt(sum(tok_s) / len(tok_s) if tok_s else None, ",.0f")
+        mean_mfu = _fmt(sum(mfus) / len(mfus) if mfus else None, ".1%")
+        lines.append(f"| {label} | {len(steps)} | {_fmt(params, ',') if params else '—'} | {volume} | "
+                     f"{steps[-1].get('elapsed', 0):.0f} s | {mean_tok_s} | {mean_mfu} | {steps[-1]['loss']:.4f} "
+                     f"| {val_text} |")
+    if tokenizer_meta:
+        lines += ["", f"Tokenizer: `{tokenizer_meta['name']}`, {tokenizer_meta['vocab_size']:,} tokens "
+                      f"(sha256 {tokenizer_meta['sha256'][:12]}…)."]
+
+    lines += ["", "## Curves", ""]
+    pre = [r for r in by_stage["pretrain"] if "loss" in r]
+    if pre:
+        _plot(folder / "pretrain_loss.png", "pretraining loss", [("train loss", [r["step"] for r in pre],
+                                                                 [r["loss"] for r in pre])], "loss (nats/token)")
+        lines.append("![pretraining loss](pretrain_loss.png)")
+    bpb = [r for r in by_stage["pretrain"] if "val_bpb" in r]
+    if bpb:
+        _plot(folder / "val_bpb.png", "validation bits per byte", [("val bpb", [r["step"] for r in bpb],
+                                                                    [r["val_bpb"] for r in bpb])], "bits per byte")
+        lines.append("![validation bpb](val_bpb.png)")
+    chat_series = [(label, [r["step"] for r in rs], [r["loss"] for r in rs]) for name, label, _ in STAGES[1:]
+                   if (rs := [r for r in by_stage[name] if "loss" in r])]
+    if chat_series:
+        _plot(folder / "chat_loss.png", "chat stages: loss on assistant tokens", chat_series, "loss (nats/token)")
+        lines.append("![chat loss](chat_loss.png)")
+
+    lines += ["", "## Evaluation", "", "| metric | BASE | MID | SFT |", "|---|---:|---:|---:|"]
+    results = {label: _final(by_stage[name]) for name, label, _ in STAGES}
+    evals = {label: _eval_file(folder / "eval" / f"{label}.json") for _, label, _ in STAGES}
+    rows = [("validation bits per byte", lambda lab: results[lab].get("val_bpb") if lab == "base" else None),
+            ("held-out answers, bits per byte", lambda lab: results["mid"].get("answer_bpb_base") if lab == "base"
+             else results[lab].get("answer_bpb")),
+            ("closes its turn (held-out prompts)", lambda lab: results[lab].get("assistant_end_rate"))]
+    for key in sorted({k for e in evals.values() for k in e}):
+        rows.append((key, lambda lab, key=key: evals[lab].get(key)))
+    for title, get in rows:
+        lines.append(f"| {title} | " + " | ".join(_fmt(get(lab), ".4f") for _, lab, _ in STAGES) + " |")
+
+    samples = next((r["samples"] for r in reversed(by_stage["sft"]) if r.get("samples")), None)
+    if samples:
+        lines += ["", "## Sample chats (SFT, greedy)", ""]
+        for s in samples:
+            lines += [f"> **user:** {s['user']}  ", f"> **assistant:** {s['assistant']}", ""]
+
+    speedrun = folder / "speedrun.json"
+    total = None
+    if speedrun.is_file():
+        stages = json.loads(speedrun.read_text())["stages"]
+        total = sum(s["seconds"] for s in stages)
+        lines += ["", "## Wall-clock", "", "| stage | status | seconds |", "|---|---|---:|"]
+        lines += [f"| {s['stage']} | {s['status']} | {s['seconds']:.1f} |" for s in stages]
+        lines.append(f"| total | | {total:.1f} |")
+    gpus = sum(d["type"] == "cuda" for d in env["devices"])
+    cost = (f"≈ ${total / 3600 * gpus * gpu_hour_usd:,.2f} ({gpus} GPU × {total / 3600:.2f} h × "
+            f"${gpu_hour_usd}/GPU-hour)" if total and gpus else "not priced (no GPU)")
+    lines += ["", f"Estimated cost: {cost}.", ""]
+    out = folder / "report.md"
+    out.write_text("\n".join(lines))
+    return out
+
+
+def _final(records: list[dict]) -> dict:
+    """The last value of every metric a stage logged."""
+    merged: dict = {}
+    for r in records:
+        merged.update({k: v for k, v in r.items() if v is not None})
+    return merged
+
+
+def _eval_file(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise NanochatError(f"{path} is corrupt ({e}); rerun `nanochat eval`") from None
+    return {k: v for k, v in data.items() if isinstance(v, (int, float))}
+
+
+def _num_params(meta: dict) -> int | None:
+    if "config" not in meta or "tokenizer" not in meta:
+        return None
+    import torch
+
+    from nanochat.config import ModelConfig
+    from nanochat.gpt import GPT, GPTConfig
+
+    with torch.device("meta"):
+        shape = ModelConfig(**meta["config"]["model"])
+        model = GPT(GPTConfig.from_model_config(shape, meta["tokenizer"]["vocab_size"]))
+    return model.num_params()
+
+
+def cli(argv: list[str]) -> int:
+    cfg = parse_config(ReportConfig, argv, prog="nanochat report", description="Write the report card of a run.")
+    print(build_report(cfg.run, cfg.gpu_hour_usd))
+    return 0

@@ -2,76 +2,17 @@
 
 The assistant does not do the arithmetic in its head: it writes the expression as a tool call
 (`<|python_start|>23*17<|python_end|>`, learned), the engine runs it and forces the result
-(`<|output_start|>391<|output_end|>`, not learned), and the assistant then states it. `calculate`
-is that calculator: the result in the training data is exactly what it prints, so the engine
-should use this function (or one that prints the same) when it runs a tool call.
+(`<|output_start|>391<|output_end|>`, not learned), and the assistant then states it. The
+result in the training data is exactly what `nanochat.calculator.calculate` prints, the function
+the engine runs for a tool call.
 """
 
 from __future__ import annotations
 
-import ast
-import math
-import operator
-
-from nanochat.tasks.base import Task, TaskError, check_split, in_held_out, rng
+from nanochat.calculator import CalculatorError, calculate  # noqa: F401  (re-exported for the tasks)
+from nanochat.tasks.base import Task, check_split, in_held_out, rng
 
 VAL_PERCENT = 10
-MAX_EXPR_CHARS = 200
-MAX_MAGNITUDE = 1e30
-
-_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
-_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
-
-
-class CalculatorError(TaskError):
-    """An expression the calculator refuses: not plain arithmetic, too big, or undefined."""
-
-
-def _evaluate(node: ast.AST) -> int | float:
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return node.value
-    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
-        return _UNARY[type(node.op)](_evaluate(node.operand))
-    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-        left, right = _evaluate(node.left), _evaluate(node.right)
-        if isinstance(node.op, ast.Pow) and (abs(right) > 64 or abs(left) > 1e6):
-            raise CalculatorError("exponent or base too large")
-        try:
-            value = _BINARY[type(node.op)](left, right)
-        except ZeroDivisionError:
-            raise CalculatorError("division by zero") from None
-        if isinstance(value, complex) or abs(value) > MAX_MAGNITUDE:
-            raise CalculatorError("result out of range")
-        return value
-    raise CalculatorError(f"not plain arithmetic: {ast.dump(node)[:60]}")
-
-
-def format_number(value: int | float) -> str:
-    """Integers as integers (a whole-number float too: 84/7 prints 12), other numbers rounded
-    to 6 decimals without trailing zeros (10/4 prints 2.5, 10/3 prints 3.333333)."""
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise CalculatorError("result is not a finite number")
-        if value.is_integer() and abs(value) < 1e15:
-            value = int(value)
-        else:
-            text = f"{value:.6f}".rstrip("0").rstrip(".")
-            return "0" if text == "-0" else text
-    return str(value)
-
-
-def calculate(expression: str) -> str:
-    """The calculator tool: evaluate numbers, parentheses and + - * / // % ** (Python's
-    semantics), nothing else, and print the result with `format_number`. Raises
-    CalculatorError for anything else."""
-    if len(expression) > MAX_EXPR_CHARS:
-        raise CalculatorError(f"expression longer than {MAX_EXPR_CHARS} characters")
-    try:
-        tree = ast.parse(expression.strip(), mode="eval")
-    except SyntaxError:
-        raise CalculatorError(f"cannot parse {expression!r}") from None
-    return format_number(_evaluate(tree.body))
 
 
 # ---------------------------------------------------------------------------------------------

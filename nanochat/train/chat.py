@@ -35,7 +35,7 @@ from nanochat.metrics import MetricsLogger, progress
 from nanochat.optim import apply_schedule, build_optimizer
 from nanochat.runtime import Runtime, init_runtime, print0, teardown
 from nanochat.tokenizer import Tokenizer
-from nanochat.train.loop import generate, train_step
+from nanochat.train.loop import train_step
 from nanochat.train.pretrain import load_tokenizer, tokenizer_identity
 
 # stage -> (the stage it starts from, in order of preference)
@@ -146,14 +146,16 @@ def validation_loss(model: GPT, batches: ChatBatches, rt: Runtime, max_batches: 
 
 def chat_replies(model: GPT, tok: Tokenizer, questions: list[str], rt: Runtime, max_new_tokens: int = 128,
                  temperature: float = 0.0, batch: int = 20) -> list[list[int]]:
-    """Replies (token ids, ending with <|assistant_end|> when the model closed its turn); greedy,
-    or sampled from the top 50 tokens at `temperature` with a fixed seed."""
-    end = tok.special_id("<|assistant_end|>")
+    """Replies (token ids, ending with <|assistant_end|> when the model closed its turn), tool calls
+    executed; greedy, or sampled from the top 50 tokens at `temperature` with a fixed seed."""
+    from nanochat.engine import Engine
+
+    engine = Engine(model, tok, rt)
     prompts = [tok.render_for_completion([{"role": "user", "content": q}]) for q in questions]
     out = []
     for i in range(0, len(prompts), batch):
-        out += generate(model, prompts[i:i + batch], max_new_tokens, rt, stop_id=end, temperature=temperature,
-                        top_k=50, seed=i)
+        out += engine.complete(prompts[i:i + batch], max_tokens=max_new_tokens, temperature=temperature, top_k=50,
+                               seed=i)
     return out
 
 

@@ -28,7 +28,7 @@ from nanochat.metrics import MetricsLogger, progress
 from nanochat.optim import apply_schedule, build_optimizer
 from nanochat.runtime import Runtime, init_runtime, peak_flops, print0, teardown
 from nanochat.tokenizer import Tokenizer
-from nanochat.train.loop import grad_accum_steps, greedy_samples, train_step
+from nanochat.train.loop import grad_accum_steps, train_step
 
 SAMPLE_PROMPTS = [
     "The capital of France is",
@@ -55,6 +55,14 @@ def tokenizer_identity(name: str, tok: Tokenizer) -> dict:
         if f.is_file():
             h.update(f.name.encode() + f.read_bytes())
     return {"name": name, "vocab_size": tok.vocab_size, "sha256": h.hexdigest()}
+
+
+def greedy_samples(model: GPT, tok: Tokenizer, prompts: list[str], rt: Runtime, max_tokens: int = 16) -> list[str]:
+    """Greedy continuations of text prompts (after BOS), as prompt + continuation."""
+    from nanochat.engine import Engine
+
+    outs = Engine(model, tok, rt).complete([[tok.bos_id, *tok.encode(p)] for p in prompts], max_tokens=max_tokens)
+    return [p + tok.decode(o) for p, o in zip(prompts, outs, strict=True)]
 
 
 def _resume_keys(cfg: TrainConfig) -> dict:
@@ -115,7 +123,7 @@ def pretrain(cfg: TrainConfig, rt: Runtime) -> dict:
         val_bpb = evaluate_bpb(model, val, token_bytes, rt, max_batches=max(1, cfg.eval_tokens // (cfg.micro_batch * T
                                                                                          * rt.world_size)))
         val.close()
-        samples = greedy_samples(model, tok, SAMPLE_PROMPTS, 16, rt) if rt.master else []
+        samples = greedy_samples(model, tok, SAMPLE_PROMPTS, rt) if rt.master else []
         logger.log(step, stage="pretrain", val_bpb=val_bpb, samples=samples)
         progress_bar.write(f"step {step}: val bpb {val_bpb:.4f}")
         for s in samples:

@@ -1,0 +1,137 @@
+"""The inference engine: KV-cache generation with sampling, stop tokens and calculator tool use.
+
+Prefill the prompt once, then one token per step for every row of a batch (several completions
+of one prompt, or several prompts right-aligned in the cache). Each step a row either samples its
+next token, or — while it owes forced tokens — takes the next forced one: when a row closes a
+tool call `<|python_start|>expr<|python_end|>`, the calculator's result is queued as
+`<|output_start|>result<|output_end|>` and fed to the model token by token, exactly as the chat
+training data shows it. A row ends at `<|assistant_end|>` (or `<|bos|>`) or at its token budget.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from nanochat.calculator import CalculatorError, calculate
+from nanochat.gpt import GPT
+from nanochat.runtime import Runtime
+from nanochat.tokenizer import Tokenizer
+
+
+@dataclass
+class _Row:
+    forced: list[int] = field(default_factory=list)  # tokens owed to the model before sampling again
+    tool: list[int] | None = None  # tokens of an open tool call, if one is being written
+    done: bool = False
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+           generator: torch.Generator) -> torch.Tensor:
+    """One token per row from (B, V) logits: argmax at temperature 0, else from the top-k and
+    nucleus (top-p) restricted distribution."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, -1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
+
+
+class Engine:
+    def __init__(self, model: GPT, tokenizer: Tokenizer, rt: Runtime):
+        self.model, self.tok, self.rt = model, tokenizer, rt
+        sid = tokenizer.special_id
+        self.stop = {sid("<|assistant_end|>"), sid("<|bos|>")}
+        self.python_start, self.python_end = sid("<|python_start|>"), sid("<|python_end|>")
+        self.output_start, self.output_end = sid("<|output_start|>"), sid("<|output_end|>")
+
+    def _tool_result(self, call: list[int]) -> list[int]:
+        try:
+            result = calculate(self.tok.decode(call))
+        except CalculatorError as e:
+            result = f"error: {e}"
+        return [self.output_start, *self.tok.encode_ordinary(result), self.output_end]
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_tokens: int = 256, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> Iterator[list[int | None]]:
+        """Yield, each step, the next token of every row (None for rows that have finished)."""
+        model, rt = self.model, self.rt
+        limit = model.cos.size(0)
+        width = max(map(len, prompts))
+        if width + max_tokens > limit:
+            raise ValueError(f"prompt ({width} tokens) + max_tokens ({max_tokens}) exceeds the model's {limit} "
+                             "positions")
+        pad = torch.tensor([width - len(p) for p in prompts])
+        idx = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=rt.device)
+        cache = model.new_kv_cache(len(prompts), width + max_tokens, pad=pad, dtype=rt.autocast_dtype or torch.float32)
+        generator = torch.Generator(device=rt.device).manual_seed(seed)
+        rows = [_Row() for _ in prompts]
+        was_training = model.training
+        model.eval()
+        try:
+            yield from self._decode(rows, idx, cache, max_tokens, temperature, top_k, top_p, generator)
+        finally:
+            model.train(was_training)
+
+    def _decode(self, rows, idx, cache, max_tokens, temperature, top_k, top_p, generator):
+        model, rt = self.model, self.rt
+        with rt.autocast():
+            logits = model(idx, kv_cache=cache)[:, -1]
+        for _ in range(max_tokens):
+            sampled = sample(logits, temperature, top_k, top_p, generator).tolist()
+            step: list[int | None] = []
+            for row, token in zip(rows, sampled, strict=True):
+                if row.done:
+                    step.append(None)
+                    continue
+                if row.forced:
+                    token = row.forced.pop(0)
+                elif token == self.python_start:
+                    row.tool = []
+                elif token == self.python_end and row.tool is not None:
+                    row.forced, row.tool = self._tool_result(row.tool), None
+                elif row.tool is not None:
+                    row.tool.append(token)
+                row.done = token in self.stop
+                step.append(token)
+            yield step
+            if all(r.done for r in rows):
+                return
+            next_ids = torch.tensor([[t if t is not None else 0] for t in step], device=rt.device)
+            with rt.autocast():
+                logits = model(next_ids, kv_cache=cache)[:, -1]
+
+    def complete(self, prompts: list[list[int]], **kwargs) -> list[list[int]]:
+        """Every row's generated tokens (its stop token included when it stopped)."""
+        out: list[list[int]] = [[] for _ in prompts]
+        for step in self.generate(prompts, **kwargs):
+            for row, token in zip(out, step, strict=True):
+                if token is not None:
+                    row.append(token)
+        return out
+
+    def stream_text(self, prompt: list[int], **kwargs) -> Iterator[str]:
+        """The text of one completion as it is generated; a UTF-8 character split across tokens is
+        held back until it is whole, and the stop token is not shown."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for (token,) in self.generate([prompt], **kwargs):
+            if token is None or token in self.stop:
+                break
+            text = decoder.decode(self.tok.decode_bytes([token]))
+            if text:
+                yield text
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            yield tail

@@ -1,0 +1,123 @@
+import pytest
+import torch
+from torch import nn
+
+from nanochat.calculator import CalculatorError, calculate
+from nanochat.config import ModelConfig
+from nanochat.engine import Engine, sample
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.runtime import init_runtime
+from nanochat.tokenizer import Tokenizer
+
+RT = init_runtime(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    text = "the cat sat on the mat. 2+3 is 5. café, naïve, über. " * 40
+    return Tokenizer.train([text], 400)
+
+
+class Scripted(nn.Module):
+    """A stand-in model that writes a fixed script (one token per step, per row) and records what it
+    is fed, to test the engine's control flow without a trained model."""
+
+    def __init__(self, script: list[int], vocab: int):
+        super().__init__()
+        self.script, self.vocab, self.fed = script, vocab, []
+        self.register_buffer("cos", torch.zeros(512, 1))
+        self.produced = 0
+
+    def new_kv_cache(self, batch, max_len, pad=None, dtype=None):
+        return None
+
+    def forward(self, idx, kv_cache=None):
+        self.fed.append(idx[0].tolist())
+        logits = torch.full((idx.size(0), idx.size(1), self.vocab), -10.0)
+        token = self.script[min(self.produced, len(self.script) - 1)]
+        logits[:, -1, token] = 10.0
+        self.produced += 1
+        return logits
+
+
+def test_kv_cache_generation_equals_naive_recompute(tok):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_model_config(ModelConfig(depth=2, aspect_ratio=32, head_dim=16, sequence_len=64),
+                                            tok.vocab_size))
+    engine = Engine(model, tok, RT)
+    prompts = [tok.encode("the cat"), tok.encode("on the mat. 2"), [tok.bos_id]]
+    got = engine.complete(prompts, max_tokens=24)
+    specials = set(tok.special_tokens.values())
+    compared = 0
+    for prompt, out in zip(prompts, got, strict=True):
+        seq = list(prompt)
+        for token in out:
+            with torch.no_grad():
+                expect = model(torch.tensor([seq]))[0, -1].argmax().item()  # full recompute, no cache
+            assert token == expect
+            compared += 1
+            if token in specials:  # from here the engine's tool/stop rules take over
+                break
+            seq.append(token)
+    assert compared >= 30
+
+
+def test_tool_call_result_is_forced_into_the_stream(tok):
+    sid = tok.special_id
+    call = tok.encode_ordinary("2+3")
+    script = [sid("<|python_start|>"), *call, sid("<|python_end|>")]
+    after = tok.encode_ordinary(" so 5")
+    n_forced = 2 + len(tok.encode_ordinary("5"))
+    script += [0] * n_forced + after + [sid("<|assistant_end|>")]  # what the model "wants" while forced is ignored
+    model = Scripted(script, tok.vocab_size)
+    out = Engine(model, tok, RT).complete([[tok.bos_id]], max_tokens=40)[0]
+    forced = [sid("<|output_start|>"), *tok.encode_ordinary("5"), sid("<|output_end|>")]
+    expect = [sid("<|python_start|>"), *call, sid("<|python_end|>"), *forced, *after, sid("<|assistant_end|>")]
+    assert out == expect
+    fed = [step[0] for step in model.fed[1:]]  # after the prompt, the model is fed each chosen token
+    assert fed == expect[:-1]
+
+
+def test_calculator_errors_become_tool_output_not_crashes(tok):
+    sid = tok.special_id
+    script = [sid("<|python_start|>"), *tok.encode_ordinary("2+"), sid("<|python_end|>")] + [0] * 60
+    out = Engine(Scripted(script, tok.vocab_size), tok, RT).complete([[tok.bos_id]], max_tokens=40)[0]
+    text = tok.decode(out)
+    assert "<|output_start|>error: cannot parse" in text
+
+
+def test_streaming_never_splits_a_utf8_character(tok):
+    e_acute = list("é".encode())  # two byte tokens: 0xC3, 0xA9
+    script = [e_acute[0], e_acute[1], *tok.encode_ordinary("!"), tok.special_id("<|assistant_end|>")]
+    pieces = list(Engine(Scripted(script, tok.vocab_size), tok, RT).stream_text([tok.bos_id], max_tokens=10))
+    assert "".join(pieces) == "é!"
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_sampling_is_seeded_and_top_p_restricts():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    draws = [sample(logits.expand(200, 4), 1.0, None, None, g(1)) for _ in range(2)]
+    assert torch.equal(draws[0], draws[1])
+    nucleus = sample(logits.expand(500, 4), 1.0, None, 0.7, g(2))
+    assert set(nucleus.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.7: tokens 2 and 3 are cut
+    assert set(sample(logits.expand(500, 4), 1.0, 1, None, g(3)).tolist()) == {0}
+    assert sample(logits, 0.0, None, None, g(0)).item() == 0
+
+
+@pytest.mark.parametrize("expr", ["__import__('os').system('ls')", "(1).__class__", "open('x')", "9**9**9",
+                                  "2**1000", "-" * 50 + "1", "(1+" * 40 + "1" + ")" * 40, "x+1", "lambda: 1", "[1,2]",
+                                  "1" * 300])
+def test_calculator_refuses_injection_and_runaway_expressions(expr):
+    with pytest.raises(CalculatorError):
+        calculate(expr)
+
+
+def test_calculator_time_limit(monkeypatch):
+    import nanochat.calculator as calc
+
+    monkeypatch.setattr(calc, "TIME_LIMIT_S", -1.0)  # every expression is already past its deadline
+    with pytest.raises(CalculatorError, match="longer than"):
+        calculate("1+1")
+    monkeypatch.undo()
+    assert calculate("(2+3)*4") == "20"

@@ -1,0 +1,70 @@
+"""`nanochat eval`: bits per byte and CORE for the base model, chat evaluations (ChatCORE) for the
+mid and SFT models; one JSON file per stage in runs/<run>/eval/, which the report card reads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from nanochat.config import EvalConfig, home, parse_config, run_dir
+from nanochat.runtime import Runtime, init_runtime, print0, teardown
+
+
+def evaluate_stage(stage: str, cfg: EvalConfig, rt: Runtime) -> dict | None:
+    """Flat {metric: value} for one stage of the run, or None when the run has no such model."""
+    from nanochat.checkpoint import latest_checkpoint
+    from nanochat.train.chat import load_stage_model, stage_dir
+
+    if latest_checkpoint(stage_dir(cfg.run, stage)) is None:
+        return None
+    model, tok, meta = load_stage_model(cfg.run, stage, rt)
+    results: dict = {}
+    if stage == "base":
+        from nanochat.data.loader import DataLoader
+        from nanochat.data.sources import resolve_source
+        from nanochat.evaluate.bpb import evaluate_bpb, token_byte_lengths
+
+        config = meta["config"]
+        T = model.config.sequence_len
+        val = DataLoader(resolve_source(config["data"], config["text_field"]), tok, 8, T, "val", rt.device,
+                         rt.rank, rt.world_size)
+        results["val_bpb"] = evaluate_bpb(model, val, token_byte_lengths(tok, rt.device), rt,
+                                          max_batches=max(1, cfg.bpb_tokens // (8 * T * rt.world_size)))
+        val.close()
+        bundle = Path(cfg.core_bundle) if cfg.core_bundle else home() / "data" / "eval_bundle"
+        if (bundle / "core.yaml").is_file():
+            from nanochat.evaluate.core import evaluate_core
+
+            core = evaluate_core(model, tok, bundle, rt, max_per_task=cfg.core_max_per_task or None)
+            results["core"] = core["core"]
+            results.update({f"core/{label}": r["centered"] for label, r in core["tasks"].items()})
+        else:
+            print0(f"CORE: skipped, no eval bundle in {bundle} (pass --core-bundle DIR)")
+    else:
+        from nanochat.evaluate.chat import evaluate_chat
+
+        chat = evaluate_chat(model, tok, rt, tasks=cfg.chat_tasks, max_items=cfg.max_items or None)
+        results["chatcore"] = chat["chatcore"]
+        results.update({f"{name}": r["accuracy"] for name, r in chat["tasks"].items()})
+    return results
+
+
+def cli(argv: list[str]) -> int:
+    cfg = parse_config(EvalConfig, argv, prog="nanochat eval", description=__doc__.split("\n\n")[0])
+    rt = init_runtime(cfg.device, cfg.dtype, seed=0)
+    try:
+        out_dir = run_dir(cfg.run) / "eval"
+        for stage in cfg.stages:
+            results = evaluate_stage(stage, cfg, rt)
+            if results is None:
+                print0(f"{stage}: the run has no {stage} model, skipped")
+                continue
+            if rt.master:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                tmp = out_dir / f"{stage}.json.tmp"
+                tmp.write_text(json.dumps(results, indent=2))
+                tmp.replace(out_dir / f"{stage}.json")
+            print0(f"{stage}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+    finally:
+        teardown()
+    return 0

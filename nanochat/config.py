@@ -369,3 +369,34 @@ class DataStatsConfig:
     data: str = "offline"
     """`offline`, `fineweb`, or a folder of parquet / jsonl / txt files."""
     text_field: str = "text"
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@dataclass
+class EvalConfig:
+    """`nanochat eval`: evaluate a run's models; results go to runs/<run>/eval/<stage>.json."""
+
+    run: str = "default"
+    stages: tuple[Literal["base", "mid", "sft"], ...] = ("base", "mid", "sft")
+    """Model stages to evaluate (those the run does not have are skipped)."""
+    chat_tasks: tuple[str, ...] = ("wiki_mc", "spelling", "arithmetic")
+    """Chat evaluations for mid/sft: wiki_mc spelling arithmetic (offline), arc_easy arc_challenge mmlu
+    gsm8k humaneval (downloaded once)."""
+    max_items: int = 200
+    """Items per chat task (0: all)."""
+    core_bundle: str = ""
+    """CORE eval-bundle folder (core.yaml, eval_meta_data.csv, eval_data/); default
+    NANOCHAT_HOME/data/eval_bundle, skipped when absent."""
+    core_max_per_task: int = 0
+    """Items per CORE task (0: all)."""
+    bpb_tokens: int = 262144
+    """Validation tokens for the base model's bits per byte."""
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+
+    def __post_init__(self) -> None:
+        check_positive(self, "max_items", "core_max_per_task", allow_zero=True)
+        check_positive(self, "bpb_tokens")

@@ -26,11 +26,12 @@ def test_tiny_speedrun_runs_every_built_stage_then_skips_them(tmp_path, monkeypa
         assert f"=== {stage} ===\nnot built yet" in out
     summary = json.loads((run_dir("tiny") / "speedrun.json").read_text())
     status = {s["stage"]: s["status"] for s in summary["stages"]}
-    assert all(status[s] == "done" for s in ("tokenizer train", "pretrain", "midtrain", "sft", "report"))
+    assert all(status[s] == "done" for s in ("tokenizer train", "pretrain", "midtrain", "sft", "eval", "report"))
     assert "validation bits per byte" in out
     assert "closes its turn on" in out  # the chat stages' held-out checks ran
     report = (run_dir("tiny") / "report.md").read_text()
     assert "| base | 6 |" in report and "bpb " in report  # measured numbers, from this run
+    assert "| chatcore | — |" in report  # the chat evaluations of mid and sft, next to base's dash
     for plot in ("pretrain_loss.png", "val_bpb.png", "chat_loss.png"):
         assert f"]({plot})" in report
         assert (run_dir("tiny") / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -7,12 +7,11 @@ import re
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
+from _hub_stub import stub_hub
 from torch import nn
 
 from nanochat.config import ModelConfig
@@ -37,7 +36,6 @@ from nanochat.evaluate.chat import (
 )
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.runtime import Runtime
-from nanochat.tasks import hub
 from nanochat.tasks.base import rng
 from nanochat.tasks.spelling import count_letter, spell, spell_backwards
 from nanochat.tokenizer import Tokenizer
@@ -178,20 +176,7 @@ FIXTURES = {
 
 @pytest.fixture
 def hub_stub(tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOCHAT_HOME", str(tmp_path))
-    calls = []
-
-    def fake_download(repo_id, filename, repo_type, local_dir, **kwargs):
-        assert repo_type == "dataset"
-        calls.append((repo_id, filename))
-        schema, rows = FIXTURES[(repo_id, filename)]
-        path = Path(local_dir) / filename
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
-        return str(path)
-
-    monkeypatch.setattr(hub, "hf_hub_download", fake_download)
-    return calls
+    return stub_hub(monkeypatch, tmp_path, FIXTURES)
 
 
 def test_arc_reads_the_published_schema(hub_stub):

@@ -4,11 +4,10 @@ and the online loaders on parquet fixtures in the published schemas (download st
 import re
 import warnings
 from collections import Counter
-from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from _hub_stub import stub_hub
 
 from nanochat.data.offline import is_validation
 from nanochat.errors import NanochatError
@@ -337,21 +336,7 @@ FIXTURES = {
 
 @pytest.fixture
 def hub_stub(tmp_path, monkeypatch):
-    """NANOCHAT_HOME in tmp_path and an hf_hub_download that writes the fixture instead of fetching."""
-    monkeypatch.setenv("NANOCHAT_HOME", str(tmp_path))
-    calls = []
-
-    def fake_download(repo_id, filename, repo_type, local_dir, **kwargs):
-        assert repo_type == "dataset"
-        calls.append((repo_id, filename))
-        schema, rows = FIXTURES[(repo_id, filename)]
-        path = Path(local_dir) / filename
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
-        return str(path)
-
-    monkeypatch.setattr(hub, "hf_hub_download", fake_download)
-    return calls
+    return stub_hub(monkeypatch, tmp_path, FIXTURES)
 
 
 def test_smoltalk_reads_the_published_schema(hub_stub, tok, tmp_path):

@@ -218,6 +218,18 @@ fn space_run(c: &Classes, b: &[u8], mut i: usize) -> (usize, Option<usize>, usiz
     (i, after_newline, last)
 }
 
+/// End of a number piece whose first digit ends at `end`: up to `max` digits in all.
+fn digits(c: &Classes, b: &[u8], mut end: usize, max: usize) -> usize {
+    for _ in 1..max {
+        let (f, len) = class_at(c, b, end);
+        if f & NUMBER == 0 {
+            break;
+        }
+        end += len;
+    }
+    end
+}
+
 /// End of the cl100k piece starting at `p` (`max_digits` is 3 for cl100k, 2 for nanochat).
 #[inline]
 fn cl100k_piece(c: &Classes, b: &[u8], p: usize, max_digits: usize) -> usize {
@@ -240,15 +252,7 @@ fn cl100k_piece(c: &Classes, b: &[u8], p: usize, max_digits: usize) -> usize {
     }
     // \p{N}{1,3}+
     if f & NUMBER != 0 {
-        let mut end = p + len;
-        for _ in 1..max_digits {
-            let (f2, len2) = class_at(c, b, end);
-            if f2 & NUMBER == 0 {
-                break;
-            }
-            end += len2;
-        }
-        return end;
+        return digits(c, b, p + len, max_digits);
     }
     //  ?[^\s\p{L}\p{N}]++[\r\n]*+
     let start = if b[p] == b' ' && other(class_at(c, b, p + 1).0) {
@@ -335,15 +339,7 @@ fn o200k_piece(c: &Classes, b: &[u8], p: usize) -> usize {
     }
     // \p{N}{1,3}
     if f & NUMBER != 0 {
-        let mut end = p + len;
-        for _ in 1..3 {
-            let (f2, len2) = class_at(c, b, end);
-            if f2 & NUMBER == 0 {
-                break;
-            }
-            end += len2;
-        }
-        return end;
+        return digits(c, b, p + len, 3);
     }
     //  ?[^\s\p{L}\p{N}]+[\r\n/]*
     let start = if b[p] == b' ' && other(class_at(c, b, p + 1).0) {

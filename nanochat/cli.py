@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("nanochat.train.chat:sft_cli", "supervised fine-tuning on conversations (mid -> sft)"),
     "eval": ("nanochat.evaluate.cli", "bpb and CORE (base), chat evaluations and ChatCORE (mid, sft)"),
     "report": ("nanochat.report", "the run's report card: report.md with tables and plots"),
+    "chat": ("nanochat.chat", "talk to a trained model in the terminal (multi-turn, or one-shot with -p)"),
+    "serve": ("nanochat.serve.app", "web chat UI and OpenAI-compatible API (FastAPI + uvicorn)"),
 }
 
 

@@ -13,10 +13,13 @@ from __future__ import annotations
 import codecs
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
 import torch
 
 from nanochat.calculator import CalculatorError, calculate
+from nanochat.errors import NanochatError
 from nanochat.gpt import GPT
 from nanochat.runtime import Runtime
 from nanochat.tokenizer import Tokenizer
@@ -122,16 +125,83 @@ class Engine:
                     row.append(token)
         return out
 
-    def stream_text(self, prompt: list[int], **kwargs) -> Iterator[str]:
-        """The text of one completion as it is generated; a UTF-8 character split across tokens is
-        held back until it is whole, and the stop token is not shown."""
+    def stream_text(self, prompt: list[int], **kwargs) -> ReplyStream:
+        """The visible text of one completion as it is generated (see ReplyStream)."""
+        return ReplyStream(self, prompt, **kwargs)
+
+
+class ReplyStream:
+    """Iterate for the text of one reply, piece by piece, as a person should see it.
+
+    A UTF-8 character split across tokens is held back until it is whole. Special tokens are not
+    shown: the stop token ends the stream, and a tool call `<|python_start|>23*17<|python_end|>
+    <|output_start|>391<|output_end|>` reads `23*17 = 391`. Once exhausted, `finish_reason` is
+    "stop" (the model closed its turn) or "length" (the token budget ran out) and `tokens` holds
+    every generated token, as OpenAI's usage counts them.
+    """
+
+    def __init__(self, engine: Engine, prompt: list[int], **kwargs):
+        self.engine, self.prompt, self.kwargs = engine, prompt, kwargs
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        engine = self.engine
+        shown = {engine.python_end: b" = "}  # the other special tokens print nothing
+        specials = set(engine.tok.special_tokens.values())
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        for (token,) in self.generate([prompt], **kwargs):
-            if token is None or token in self.stop:
+        self.finish_reason = "length"
+        for (token,) in engine.generate([self.prompt], **self.kwargs):
+            if token is None:
                 break
-            text = decoder.decode(self.tok.decode_bytes([token]))
+            self.tokens.append(token)
+            if token in engine.stop:
+                self.finish_reason = "stop"
+                break
+            raw = shown.get(token, b"") if token in specials else engine.tok.decode_bytes([token])
+            text = decoder.decode(raw)
             if text:
                 yield text
         tail = decoder.decode(b"", final=True)
         if tail:
             yield tail
+
+
+# ---------------------------------------------------------------------------------------------
+# Which model to talk to (shared by `nanochat chat` and `nanochat serve`)
+
+
+@dataclass
+class ModelSource:
+    run: str = "tiny"
+    """Run whose model to load (NANOCHAT_HOME/runs/<run>)."""
+    stage: Literal["auto", "sft", "mid", "base"] = "auto"
+    """Which of the run's models; `auto` takes the most finished one (sft, else mid, else base)."""
+    checkpoint: str = ""
+    """A checkpoint directory to load instead (overrides --run and --stage)."""
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+
+
+def load_engine(source: ModelSource, rt: Runtime) -> tuple[Engine, str]:
+    """An engine over the model `source` names, and that model's display name (`run/stage@step`)."""
+    from nanochat.checkpoint import latest_checkpoint
+    from nanochat.train.chat import load_model, stage_dir
+
+    if source.checkpoint:
+        path = Path(source.checkpoint)
+        if not (path / "meta.json").is_file():
+            raise NanochatError(f"{path} is not a checkpoint directory (no meta.json); pass a "
+                                "runs/<run>/…/checkpoints/step_NNNNNN folder")
+        name = path.name
+    else:
+        stages = ("sft", "mid", "base") if source.stage == "auto" else (source.stage,)
+        found = [(s, p) for s in stages if (p := latest_checkpoint(stage_dir(source.run, s))) is not None]
+        if not found:
+            raise NanochatError(f"run '{source.run}' has no {' / '.join(stages)} model under "
+                                f"{stage_dir(source.run, 'base')}; train one with `nanochat speedrun` or pick "
+                                "another with --run / --checkpoint")
+        stage, path = found[0]
+        name = f"{source.run}/{stage}"
+    model, tok, meta = load_model(path, rt)
+    return Engine(model, tok, rt), f"{name}@{meta.get('step', 0)}"

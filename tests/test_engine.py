@@ -121,3 +121,18 @@ def test_calculator_time_limit(monkeypatch):
         calculate("1+1")
     monkeypatch.undo()
     assert calculate("(2+3)*4") == "20"
+
+
+def test_reply_stream_shows_tool_calls_readably_and_reports_why_it_ended(tok):
+    sid = tok.special_id
+    script = [*tok.encode_ordinary("it is "), sid("<|python_start|>"), *tok.encode_ordinary("2+3"),
+              sid("<|python_end|>")]
+    script += [0] * (2 + len(tok.encode_ordinary("5"))) + tok.encode_ordinary(".") + [sid("<|assistant_end|>")]
+    stream = Engine(Scripted(script, tok.vocab_size), tok, RT).stream_text([tok.bos_id], max_tokens=40)
+    assert "".join(stream) == "it is 2+3 = 5."
+    assert stream.finish_reason == "stop" and stream.tokens[-1] == sid("<|assistant_end|>")
+    assert len(stream.tokens) == len(script)  # every generated token counts, the forced ones too
+
+    cut = Engine(Scripted(tok.encode_ordinary("the cat sat"), tok.vocab_size), tok, RT).stream_text(
+        [tok.bos_id], max_tokens=3)
+    assert len("".join(cut)) > 0 and cut.finish_reason == "length" and len(cut.tokens) == 3

@@ -61,6 +61,11 @@ def load_stage_model(run: str, stage: str, rt: Runtime) -> tuple[GPT, Tokenizer,
         command = {"base": "nanochat pretrain", "mid": "nanochat midtrain", "sft": "nanochat sft"}[stage]
         raise NanochatError(f"run '{run}' has no {stage} checkpoint in {stage_dir(run, stage)}; make it with "
                             f"`{command} --run {run}`")
+    return load_model(path, rt)
+
+
+def load_model(path: Path, rt: Runtime) -> tuple[GPT, Tokenizer, dict]:
+    """The model saved in checkpoint directory `path`, verified, with the tokenizer it was trained with."""
     meta = read_meta(path)
     tok = load_tokenizer(meta["tokenizer"]["name"])
     if tokenizer_identity(meta["tokenizer"]["name"], tok)["sha256"] != meta["tokenizer"]["sha256"]:

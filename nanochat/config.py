@@ -297,6 +297,9 @@ class TokenizerEvalConfig:
     name: str = "default"
     inputs: tuple[str, ...] = ()
     """Held-out text to measure; empty means the offline corpus's validation split."""
+    out: str = ""
+    """Also write the table as JSON to this file (the speedrun writes runs/<run>/tokenizer.json
+    for the report card)."""
 
 
 TOKENIZER_PRESETS: dict[str, TokenizerTrainConfig] = {
@@ -360,6 +363,19 @@ class DataDownloadConfig:
         if "{index" not in self.pattern:
             raise ConfigError(f"--pattern must contain {{index}} (e.g. shard_{{index:05d}}.parquet), "
                               f"got {self.pattern!r}")
+
+
+CORE_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+
+
+@dataclass
+class CoreBundleConfig:
+    """`nanochat data core-bundle`: download the CORE eval bundle (resumable, validated before use)."""
+
+    url: str = CORE_BUNDLE_URL
+    """Where the bundle zip is served (any zip holding core.yaml, eval_meta_data.csv, eval_data/)."""
+    force: bool = False
+    """Download again even when a bundle is already in place."""
 
 
 @dataclass

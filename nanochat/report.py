@@ -102,9 +102,7 @@ def build_report(run: str, gpu_hour_usd: float = 2.5) -> Path:
         lines.append(f"| {label} | {len(steps)} | {_fmt(params, ',') if params else '—'} | {volume} | "
                      f"{steps[-1].get('elapsed', 0):.0f} s | {mean_tok_s} | {mean_mfu} | {steps[-1]['loss']:.4f} "
                      f"| {val_text} |")
-    if tokenizer_meta:
-        lines += ["", f"Tokenizer: `{tokenizer_meta['name']}`, {tokenizer_meta['vocab_size']:,} tokens "
-                      f"(sha256 {tokenizer_meta['sha256'][:12]}…)."]
+    lines += _tokenizer_section(folder / "tokenizer.json", tokenizer_meta)
 
     lines += ["", "## Curves", ""]
     pre = [r for r in by_stage["pretrain"] if "loss" in r]
@@ -158,6 +156,33 @@ def build_report(run: str, gpu_hour_usd: float = 2.5) -> Path:
     return out
 
 
+def _tokenizer_section(stats_path: Path, identity: dict | None) -> list[str]:
+    """The tokenizer the models were trained with, and its compression on held-out text next to
+    cl100k_base / o200k_base (from `nanochat tokenizer eval --out`, which the speedrun runs)."""
+    lines = ["", "## Tokenizer", ""]
+    if identity:
+        lines.append(f"`{identity['name']}`: {identity['vocab_size']:,} tokens (sha256 {identity['sha256'][:12]}…).")
+    stats = _json_file(stats_path, "nanochat tokenizer eval --out") if stats_path.is_file() else None
+    if stats is None:
+        return lines + ["", "No tokenizer evaluation in this run (`nanochat tokenizer eval --out "
+                            f"{stats_path}` writes one)."]
+    ours = stats["tokenizers"][0]
+    lines += ["", f"Held-out text: {stats['documents']:,} documents, {stats['bytes']:,} bytes. "
+                  f"{stats['special_tokens']} special tokens.", "",
+              f"| tokenizer | vocabulary | tokens | bytes per token | tokens vs `{ours['name']}` |",
+              "|---|---:|---:|---:|---:|"]
+    lines += [f"| {t['name']} | {t['vocab_size']:,} | {t['tokens']:,} | {t['bytes_per_token']:.3f} | "
+              f"{t['tokens'] / ours['tokens']:.2f}× |" for t in stats["tokenizers"]]
+    return lines
+
+
+def _json_file(path: Path, remedy: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise NanochatError(f"{path} is corrupt ({e}); rerun `{remedy}`") from None
+
+
 def _final(records: list[dict]) -> dict:
     """The last value of every metric a stage logged."""
     merged: dict = {}
@@ -169,10 +194,7 @@ def _final(records: list[dict]) -> dict:
 def _eval_file(path: Path) -> dict:
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise NanochatError(f"{path} is corrupt ({e}); rerun `nanochat eval`") from None
+    data = _json_file(path, "nanochat eval")
     return {k: v for k, v in data.items() if isinstance(v, (int, float))}
 
 

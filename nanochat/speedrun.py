@@ -1,7 +1,7 @@
 """`nanochat speedrun`: every stage, in order, from one command.
 
 On a CPU it picks the `tiny` preset on the offline corpus (minutes on 2 cores); with GPUs, `d20`
-on FineWeb-Edu, launching `torchrun` with one process per GPU for the training stages. Each
+on FineWeb-Edu (with the CORE eval bundle), launching `torchrun` with one process per GPU for the training stages. Each
 stage runs through the same `nanochat <command>` a user would type, so the speedrun does nothing a user
 could not do by hand. Finished stages are skipped on a re-run, and an interrupted pretraining is
 resumed. Stages that do not exist yet are listed as such, never faked.
@@ -91,8 +91,9 @@ def cli(argv: list[str]) -> int:
             from nanochat.data.offline import build_offline_corpus
 
             print(build_offline_corpus())
-        elif data == "fineweb":
+        elif data == "fineweb":  # online: the shards, and the CORE bundle for the base model's evaluation
             _run_stage(["data", "download", "-n", str(cfg.shards)], 1)
+            _run_stage(["data", "core-bundle"], 1)
         else:
             from nanochat.data.sources import resolve_source
 
@@ -103,8 +104,8 @@ def cli(argv: list[str]) -> int:
     tok_inputs = ["--inputs", data]
     stage("tokenizer train", f"tokenizer '{tok_name}' exists in {tokenizer_dir(tok_name)}" if tok_done else None,
           lambda: _run_stage(["tokenizer", "train", "--preset", preset, *tok_inputs], 1))
-    stage("tokenizer eval", None,
-          lambda: _run_stage(["tokenizer", "eval", "--name", tok_name, *tok_inputs], 1))
+    stage("tokenizer eval", None, lambda: _run_stage(
+        ["tokenizer", "eval", "--name", tok_name, *tok_inputs, "--out", str(run_dir(run) / "tokenizer.json")], 1))
 
     last = latest_checkpoint(run_dir(run))
     finished = last is not None and read_meta(last, verify=False).get("final")

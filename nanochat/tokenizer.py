@@ -539,6 +539,12 @@ def _eval(argv: list[str]) -> int:
     print(f"| tokenizer | vocab | tokens | bytes/token | tokens vs {ours.name} |\n|---|---:|---:|---:|---:|")
     for name, vocab, n_tokens, bpt in rows:
         print(f"| {name} | {vocab:,} | {n_tokens:,} | {bpt:.3f} | {n_tokens / rows[0][2]:.2f}x |")
+    if cfg.out:
+        table = [{"name": n, "vocab_size": v, "tokens": t, "bytes_per_token": b} for n, v, t, b in rows]
+        out = Path(cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"documents": len(docs), "bytes": n_bytes, "special_tokens": len(ours.special_tokens),
+                                   "tokenizers": table}, indent=2))
     return 0
 
 

@@ -26,11 +26,19 @@ def test_train_writes_a_loadable_tokenizer_and_eval_prints_a_table(corpus, capsy
     assert "trained 'small': 400 tokens (9 special)" in out
     tok = Tokenizer.load(tmp_path / "home" / "tokenizers" / "small")
     assert tok.vocab_size == 400 and tok.decode(tok.encode("the lazy dog")) == "the lazy dog"
-    assert cli(["eval", "--name", "small", "--inputs", str(jsonl)]) == 0
+    out_json = tmp_path / "run" / "tokenizer.json"
+    assert cli(["eval", "--name", "small", "--inputs", str(jsonl), "--out", str(out_json)]) == 0
     table = capsys.readouterr().out
     for name in ("small", "cl100k_base", "o200k_base"):
         assert f"| {name} |" in table
     assert "bytes/token" in table
+    stats = json.loads(out_json.read_text())  # the same table, for the report card
+    n_bytes = sum(len(json.loads(line)["text"].encode()) for line in jsonl.read_text().splitlines())
+    assert stats["bytes"] == n_bytes and stats["documents"] == 300 and stats["special_tokens"] == 9
+    assert [t["name"] for t in stats["tokenizers"]] == ["small", "cl100k_base", "o200k_base"]
+    for t in stats["tokenizers"]:
+        assert t["bytes_per_token"] == pytest.approx(n_bytes / t["tokens"])
+        assert f"| {t['name']} | {t['vocab_size']:,} | {t['tokens']:,} | {t['bytes_per_token']:.3f} |" in table
 
 
 def test_caps_limit_the_characters_read(corpus, capsys):

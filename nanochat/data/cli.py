@@ -1,16 +1,17 @@
-"""`nanochat data {download,offline,stats}`."""
+"""`nanochat data {download,core-bundle,offline,stats}`."""
 
 from __future__ import annotations
 
-from nanochat.config import DataDownloadConfig, DataStatsConfig, home, parse_config
+from nanochat.config import CoreBundleConfig, DataDownloadConfig, DataStatsConfig, home, parse_config
 from nanochat.errors import NanochatError
 
 USAGE = """usage: nanochat data <action> [options]
 
 actions:
-  download   fetch the first N parquet shards of FineWeb-Edu (or another hub dataset)
-  offline    write the offline Wikipedia corpus into NANOCHAT_HOME/data/offline-wiki
-  stats      documents and characters per split of a data source"""
+  download     fetch the first N parquet shards of FineWeb-Edu (or another hub dataset)
+  core-bundle  fetch and unpack the CORE eval bundle into NANOCHAT_HOME/data/eval_bundle
+  offline      write the offline Wikipedia corpus into NANOCHAT_HOME/data/offline-wiki
+  stats        documents and characters per split of a data source"""
 
 
 def cli(argv: list[str]) -> int:
@@ -26,6 +27,11 @@ def cli(argv: list[str]) -> int:
         dest = home() / "data" / cfg.name
         paths = download_shards(cfg.num_shards, dest, cfg.repo_id, cfg.pattern, cfg.text_field, cfg.workers)
         print(f"{len(paths)} shards in {dest} (validation: {paths[-1].name})")
+    elif action == "core-bundle":
+        from nanochat.data.download import download_core_bundle
+
+        cfg = parse_config(CoreBundleConfig, rest, prog=prog, description=CoreBundleConfig.__doc__)
+        print(download_core_bundle(home() / "data" / "eval_bundle", cfg.url, cfg.force))
     elif action == "offline":
         from nanochat.data.offline import build_offline_corpus
 

@@ -39,7 +39,8 @@ def evaluate_stage(stage: str, cfg: EvalConfig, rt: Runtime) -> dict | None:
             results["core"] = core["core"]
             results.update({f"core/{label}": r["centered"] for label, r in core["tasks"].items()})
         else:
-            print0(f"CORE: skipped, no eval bundle in {bundle} (pass --core-bundle DIR)")
+            print0(f"CORE: skipped, no eval bundle in {bundle} (fetch it with `nanochat data core-bundle`, "
+                   "or pass --core-bundle DIR)")
     else:
         from nanochat.evaluate.chat import evaluate_chat
 

@@ -11,7 +11,7 @@ training data shows it. A row ends at `<|assistant_end|>` (or `<|bos|>`) or at i
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,8 +25,20 @@ from nanochat.runtime import Runtime
 from nanochat.tokenizer import Tokenizer
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How one row picks its tokens, and how many it may write."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+
+
 @dataclass
 class _Row:
+    left: int  # tokens the row may still write
     forced: list[int] = field(default_factory=list)  # tokens owed to the model before sampling again
     tool: list[int] | None = None  # tokens of an open tool call, if one is being written
     done: bool = False
@@ -68,34 +80,52 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_tokens: int = 256, temperature: float = 0.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> Iterator[list[int | None]]:
-        """Yield, each step, the next token of every row (None for rows that have finished)."""
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                 sampling: Sequence[Sampling] | None = None) -> Iterator[list[int | None]]:
+        """Yield, each step, the next token of every row (None for rows that have finished).
+
+        Every row shares the scalar settings and one random stream, unless `sampling` gives each
+        row its own (one per prompt): then a row's tokens depend on its own prompt, settings and
+        seed alone, not on which other rows share the batch — what a server batching requests needs.
+        """
         model, rt = self.model, self.rt
-        limit = model.cos.size(0)
-        width = max(map(len, prompts))
-        if width + max_tokens > limit:
-            raise ValueError(f"prompt ({width} tokens) + max_tokens ({max_tokens}) exceeds the model's {limit} "
+        shared = sampling is None
+        if sampling is None:
+            sampling = [Sampling(max_tokens, temperature, top_k, top_p, seed)] * len(prompts)
+        if len(sampling) != len(prompts):
+            raise ValueError(f"{len(sampling)} sampling settings for {len(prompts)} prompts")
+        limit, width = model.cos.size(0), max(map(len, prompts))
+        budget = max(s.max_tokens for s in sampling)
+        if width + budget > limit:
+            raise ValueError(f"prompt ({width} tokens) + max_tokens ({budget}) exceeds the model's {limit} "
                              "positions")
         pad = torch.tensor([width - len(p) for p in prompts])
         idx = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=rt.device)
-        cache = model.new_kv_cache(len(prompts), width + max_tokens, pad=pad, dtype=rt.autocast_dtype or torch.float32)
-        generator = torch.Generator(device=rt.device).manual_seed(seed)
-        rows = [_Row() for _ in prompts]
+        cache = model.new_kv_cache(len(prompts), width + budget, pad=pad, dtype=rt.autocast_dtype or torch.float32)
+        generators = [torch.Generator(device=rt.device).manual_seed(s.seed) for s in sampling[:1 if shared else None]]
+        rows = [_Row(left=s.max_tokens) for s in sampling]
         was_training = model.training
         model.eval()
         try:
-            yield from self._decode(rows, idx, cache, max_tokens, temperature, top_k, top_p, generator)
+            yield from self._decode(rows, idx, cache, sampling, generators)
         finally:
             model.train(was_training)
 
-    def _decode(self, rows, idx, cache, max_tokens, temperature, top_k, top_p, generator):
+    def _sample(self, logits: torch.Tensor, rows: list[_Row], sampling: Sequence[Sampling],
+                generators: list[torch.Generator]) -> list[int]:
+        if len(generators) == 1:
+            s = sampling[0]
+            return sample(logits, s.temperature, s.top_k, s.top_p, generators[0]).tolist()
+        return [0 if row.done else sample(logits[i:i + 1], s.temperature, s.top_k, s.top_p, g).item()
+                for i, (row, s, g) in enumerate(zip(rows, sampling, generators, strict=True))]
+
+    def _decode(self, rows, idx, cache, sampling, generators):
         model, rt = self.model, self.rt
         with rt.autocast():
             logits = model(idx, kv_cache=cache)[:, -1]
-        for _ in range(max_tokens):
-            sampled = sample(logits, temperature, top_k, top_p, generator).tolist()
+        while True:
             step: list[int | None] = []
-            for row, token in zip(rows, sampled, strict=True):
+            for row, token in zip(rows, self._sample(logits, rows, sampling, generators), strict=True):
                 if row.done:
                     step.append(None)
                     continue
@@ -107,7 +137,8 @@ class Engine:
                     row.forced, row.tool = self._tool_result(row.tool), None
                 elif row.tool is not None:
                     row.tool.append(token)
-                row.done = token in self.stop
+                row.left -= 1
+                row.done = token in self.stop or row.left == 0
                 step.append(token)
             yield step
             if all(r.done for r in rows):

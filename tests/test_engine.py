@@ -4,7 +4,7 @@ from torch import nn
 
 from nanochat.calculator import CalculatorError, calculate
 from nanochat.config import ModelConfig
-from nanochat.engine import Engine, sample
+from nanochat.engine import Engine, Sampling, sample
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.runtime import init_runtime
 from nanochat.tokenizer import Tokenizer
@@ -136,3 +136,22 @@ def test_reply_stream_shows_tool_calls_readably_and_reports_why_it_ended(tok):
     cut = Engine(Scripted(tok.encode_ordinary("the cat sat"), tok.vocab_size), tok, RT).stream_text(
         [tok.bos_id], max_tokens=3)
     assert len("".join(cut)) > 0 and cut.finish_reason == "length" and len(cut.tokens) == 3
+
+
+def test_per_row_sampling_does_not_depend_on_the_rest_of_the_batch(tok):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_model_config(ModelConfig(depth=2, aspect_ratio=32, head_dim=16, sequence_len=64),
+                                            tok.vocab_size))
+    engine = Engine(model, tok, RT)
+    a, b = tok.encode("the cat"), tok.encode("on the mat. 2+3 is")
+    sa = Sampling(max_tokens=12, temperature=1.0, top_k=50, seed=7)
+    sb = Sampling(max_tokens=5, temperature=0.0)
+    together = engine.complete([a, b], sampling=[sa, sb])
+    assert len(together[0]) <= 12 and len(together[1]) <= 5
+    alone_a = engine.complete([a], sampling=[sa])[0]
+    alone_b = engine.complete([b], max_tokens=5)[0]
+    assert together == [alone_a, alone_b]  # the same tokens with or without a neighbour in the batch
+    other_seed = engine.complete([a], sampling=[Sampling(max_tokens=12, temperature=1.0, top_k=50, seed=8)])[0]
+    assert other_seed != alone_a
+    with pytest.raises(ValueError, match="2 sampling settings for 1 prompts"):
+        engine.complete([a], sampling=[sa, sb])

@@ -4,7 +4,7 @@ On a CPU it picks the `tiny` preset on the offline corpus (minutes on 2 cores); 
 on FineWeb-Edu (with the CORE eval bundle), launching `torchrun` with one process per GPU for the training stages. Each
 stage runs through the same `nanochat <command>` a user would type, so the speedrun does nothing a user
 could not do by hand. Finished stages are skipped on a re-run, and an interrupted pretraining is
-resumed. Stages that do not exist yet are listed as such, never faked.
+resumed. It ends by saying how to talk to the chat model.
 """
 
 from __future__ import annotations
@@ -21,9 +21,6 @@ import torch
 from nanochat.checkpoint import latest_checkpoint, read_meta
 from nanochat.config import PRESETS, home, parse_config, run_dir, tokenizer_dir
 from nanochat.runtime import torchrun_env
-
-NOT_BUILT = ["chat"]
-
 
 @dataclass
 class SpeedrunConfig:
@@ -125,9 +122,6 @@ def cli(argv: list[str]) -> int:
     stage("eval", None, lambda: _run_stage(["eval", "--run", run], nproc))
     _write_summary(run, preset, data, timings)  # the report reads the timings
     stage("report", None, lambda: _run_stage(["report", "--run", run], 1))
-    for name in NOT_BUILT:
-        print(f"=== {name} ===\nnot built yet: this stage arrives with its issue\n", flush=True)
-        timings.append((name, "not built yet", 0.0))
 
     total = sum(t for _, _, t in timings)
     print("| stage | status | seconds |\n|---|---|---:|")
@@ -141,7 +135,7 @@ def cli(argv: list[str]) -> int:
         print(f"\nbase model: {last} (validation bits per byte {bpb:.4f})" if bpb else f"\nbase model: {last}")
     sft = latest_checkpoint(run_dir(run) / "sft")
     if sft is not None:
-        print(f"chat model: {sft}\nto talk to it: `nanochat chat` arrives with its issue (not built yet); the SFT "
-              f"stage's sample chats are in {run_dir(run) / 'metrics.jsonl'}")
+        print(f"chat model: {sft}\ntalk to it: `nanochat chat --run {run}` in the terminal, or "
+              f"`nanochat serve --run {run}` for the web UI and the OpenAI-compatible API")
     return 0
 

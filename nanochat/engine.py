@@ -161,39 +161,57 @@ class Engine:
         return ReplyStream(self, prompt, **kwargs)
 
 
-class ReplyStream:
-    """Iterate for the text of one reply, piece by piece, as a person should see it.
+class ReplyText:
+    """Turns one row's generated tokens into the text a person should see, token by token.
 
     A UTF-8 character split across tokens is held back until it is whole. Special tokens are not
-    shown: the stop token ends the stream, and a tool call `<|python_start|>23*17<|python_end|>
-    <|output_start|>391<|output_end|>` reads `23*17 = 391`. Once exhausted, `finish_reason` is
-    "stop" (the model closed its turn) or "length" (the token budget ran out) and `tokens` holds
-    every generated token, as OpenAI's usage counts them.
+    shown: the stop token ends the reply, and a tool call `<|python_start|>23*17<|python_end|>
+    <|output_start|>391<|output_end|>` reads `23*17 = 391`. `tokens` holds every token fed (as
+    OpenAI's usage counts them); `finish_reason` is "stop" once the model closed its turn, else
+    "length".
     """
 
-    def __init__(self, engine: Engine, prompt: list[int], **kwargs):
-        self.engine, self.prompt, self.kwargs = engine, prompt, kwargs
+    def __init__(self, engine: Engine):
+        self.engine = engine
         self.tokens: list[int] = []
-        self.finish_reason: str | None = None
+        self.finish_reason = "length"
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._specials = set(engine.tok.special_tokens.values())
+
+    def feed(self, token: int) -> str:
+        """The text that `token` makes visible (often "", e.g. half a character)."""
+        engine = self.engine
+        self.tokens.append(token)
+        if token in engine.stop:
+            self.finish_reason = "stop"
+            return self.flush()
+        if token in self._specials:
+            raw = b" = " if token == engine.python_end else b""
+        else:
+            raw = engine.tok.decode_bytes([token])
+        return self._decoder.decode(raw)
+
+    def flush(self) -> str:
+        """Whatever is held back (an unfinished character shows as U+FFFD)."""
+        return self._decoder.decode(b"", final=True)
+
+
+class ReplyStream(ReplyText):
+    """One completion's visible text, piece by piece: iterate it, then read `finish_reason` and
+    `tokens` (see ReplyText)."""
+
+    def __init__(self, engine: Engine, prompt: list[int], **kwargs):
+        super().__init__(engine)
+        self.prompt, self.kwargs = prompt, kwargs
 
     def __iter__(self) -> Iterator[str]:
-        engine = self.engine
-        shown = {engine.python_end: b" = "}  # the other special tokens print nothing
-        specials = set(engine.tok.special_tokens.values())
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.finish_reason = "length"
-        for (token,) in engine.generate([self.prompt], **self.kwargs):
+        for (token,) in self.engine.generate([self.prompt], **self.kwargs):
             if token is None:
                 break
-            self.tokens.append(token)
-            if token in engine.stop:
-                self.finish_reason = "stop"
-                break
-            raw = shown.get(token, b"") if token in specials else engine.tok.decode_bytes([token])
-            text = decoder.decode(raw)
+            text = self.feed(token)
             if text:
                 yield text
-        tail = decoder.decode(b"", final=True)
+        tail = self.flush()
         if tail:
             yield tail
 

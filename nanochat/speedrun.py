@@ -22,6 +22,7 @@ from nanochat.checkpoint import latest_checkpoint, read_meta
 from nanochat.config import PRESETS, home, parse_config, run_dir, tokenizer_dir
 from nanochat.runtime import torchrun_env
 
+
 @dataclass
 class SpeedrunConfig:
     preset: Literal["auto", "tiny", "d12", "d20", "d26"] = "auto"

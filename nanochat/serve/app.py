@@ -1,0 +1,392 @@
+"""`nanochat serve`: the web chat page at / and an OpenAI-compatible API at /v1.
+
+Endpoints: POST /v1/chat/completions (streamed as server-sent events or not), GET /v1/models,
+GET /health. Requests are validated before they reach a worker (workers.py), and every error is
+answered in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, so OpenAI clients
+show it as they would show OpenAI's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+import tyro
+import uvicorn
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field, field_validator, model_validator
+from starlette.exceptions import HTTPException
+
+from nanochat.config import ConfigError, check_positive, parse_config
+from nanochat.engine import Engine, ModelSource, load_engine
+from nanochat.runtime import init_runtime
+from nanochat.serve.workers import Finished, GenerationFailed, Job, Overloaded, WorkerPool
+from nanochat.tokenizer import Tokenizer, TokenizerError
+
+STATIC = Path(__file__).parent / "static"
+MAX_MESSAGES = 512
+MAX_MESSAGE_CHARS = 100_000
+MAX_TOTAL_CHARS = 200_000  # tokenizing runs on the event loop: keep one request's share of it small
+DEFAULT_MAX_TOKENS = 512
+
+# ---------------------------------------------------------------------------------------------
+# Requests
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_MESSAGE_CHARS)
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def join_text_parts(cls, content):
+        """OpenAI also allows content as a list of parts; this model can read only the text ones."""
+        if not isinstance(content, list):
+            return content
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in content):
+            raise ValueError('content parts must all be {"type": "text", "text": "..."}: this model reads text only')
+        return "\n".join(p["text"] for p in content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """The fields of OpenAI's chat completion request that this server honours, plus top_k.
+    Others (model, stop, user, ...) are accepted and ignored: there is one model to talk to."""
+
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    """OpenAI's newer name for max_tokens; wins when both are given."""
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    n: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+
+    @field_validator("n")
+    @classmethod
+    def one_choice(cls, n):
+        if n not in (None, 1):
+            raise ValueError(f"this server writes one completion per request: n must be 1 (got {n})")
+        return n
+
+    @model_validator(mode="after")
+    def total_size(self):
+        chars = sum(len(m.content) for m in self.messages)
+        if chars > MAX_TOTAL_CHARS:
+            raise ValueError(f"the messages hold {chars} characters; the limit is {MAX_TOTAL_CHARS}")
+        return self
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        body = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return JSONResponse({"error": body}, self.status, headers=headers)
+
+
+def _validation_error(exc: RequestValidationError) -> ApiError:
+    """The first problem pydantic found, named by where it is (`messages.0.role: ...`)."""
+    errors = exc.errors()
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        return ApiError(400, f"the request body is not valid JSON ({first['ctx']['error']})")
+    param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+    message = f"{param or 'request body'}: {first['msg'].removeprefix('Value error, ')}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return ApiError(400, message, param=param)
+
+
+def _prepare(req: ChatRequest, tok: Tokenizer, context: int) -> tuple[list[int], dict]:
+    """The prompt's tokens and the engine's sampling arguments, or a 400 saying what does not fit."""
+    if req.messages[-1].role != "user":
+        raise ApiError(400, "messages: the last message must be the user's (the reply answers it)", param="messages")
+    try:
+        prompt = tok.render_for_completion([m.model_dump() for m in req.messages])
+    except TokenizerError as e:
+        raise ApiError(400, f"messages: {e}", param="messages") from None
+    room = context - len(prompt)
+    asked = req.max_completion_tokens or req.max_tokens
+    if asked is None and room < 1:
+        raise ApiError(400, f"the prompt is {len(prompt)} tokens, which leaves no room for a reply in the model's "
+                            f"context of {context} tokens; shorten the conversation", param="messages",
+                       code="context_length_exceeded")
+    if asked is not None and asked > room:
+        raise ApiError(400, f"the prompt is {len(prompt)} tokens and max_tokens is {asked}: together "
+                            f"{len(prompt) + asked}, more than the model's context of {context} tokens; lower "
+                            "max_tokens or shorten the conversation", param="max_tokens",
+                       code="context_length_exceeded")
+    sampling = {
+        "max_tokens": asked or min(DEFAULT_MAX_TOKENS, room),
+        "temperature": 1.0 if req.temperature is None else req.temperature,  # OpenAI's default
+        "top_k": req.top_k,
+        "top_p": req.top_p,
+        "seed": secrets.randbits(63) if req.seed is None else req.seed,
+    }
+    return prompt, sampling
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses
+
+
+@dataclass
+class Reply:
+    """The envelope every object of one completion shares."""
+
+    model: str
+    prompt_tokens: int
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def _head(self, object: str) -> dict:
+        return {"id": self.id, "object": object, "created": self.created, "model": self.model}
+
+    def usage(self, result: Finished) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": result.completion_tokens,
+                "total_tokens": self.prompt_tokens + result.completion_tokens}
+
+    def completion(self, text: str, result: Finished) -> dict:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": result.reason}
+        return {**self._head("chat.completion"), "choices": [choice], "usage": self.usage(result)}
+
+    def chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {**self._head("chat.completion.chunk"), "choices": [choice]}
+
+    def usage_chunk(self, result: Finished) -> dict:
+        return {**self._head("chat.completion.chunk"), "choices": [], "usage": self.usage(result)}
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _events(job: Job, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
+    """The chunks of a streamed completion: the role, the text piece by piece, the finish reason."""
+    yield _sse(reply.chunk({"role": "assistant", "content": ""}))
+    try:
+        async for piece in job.pieces():
+            yield _sse(reply.chunk({"content": piece}))
+    except GenerationFailed as e:  # the status line is long gone: report it in the stream, as OpenAI does
+        yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+        return
+    yield _sse(reply.chunk({}, job.result.reason))
+    if include_usage:
+        yield _sse(reply.usage_chunk(job.result))
+    yield _sse("[DONE]")
+
+
+class JobStream(StreamingResponse):
+    """A streamed completion that cancels its job however the response ends, so a client that
+    disconnects frees its worker (or its place in the queue) at once."""
+
+    def __init__(self, pool: WorkerPool, job: Job, events: AsyncIterator[str]):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.pool, self.job = pool, job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.pool.cancel(self.job)
+
+
+class RequireApiKey:
+    """ASGI middleware: /v1/* needs `Authorization: Bearer <key>`. The page and /health stay open
+    (the page asks for the key itself). Checked before the body is read, so a stranger's request
+    costs nothing."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and (scope["path"] + "/").startswith("/v1/"):
+            scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+            if not (scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.key)):
+                message = ("this server needs an API key: send `Authorization: Bearer <key>`" if not token
+                           else "incorrect API key")
+                error = ApiError(401, message, code="invalid_api_key")
+                await error.response({"WWW-Authenticate": "Bearer"})(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+
+
+def create_app(engines: Engine | Sequence[Engine], model_name: str, *, api_key: str | None = None,
+               max_queue: int = 64, max_batch: int = 8) -> FastAPI:
+    """The server over `engines`, one worker thread each (repeat an engine to share its model),
+    each writing up to `max_batch` replies at once. Workers start and stop with the app's
+    lifespan, which uvicorn runs."""
+    engines = [engines] if isinstance(engines, Engine) else list(engines)
+    for engine in engines:
+        # Engine.generate restores the train/eval mode it found; with threads sharing a model that
+        # restore would race, so the models are put in eval mode for good.
+        engine.model.eval()
+    pool = WorkerPool(engines, max_queue, max_batch)
+    tok, context = engines[0].tok, engines[0].model.cos.size(0)
+    card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "nanochat"}
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        pool.start()
+        try:
+            yield
+        finally:
+            pool.stop()
+
+    app = FastAPI(title="nanochat", summary="OpenAI-compatible chat API", lifespan=lifespan)
+    app.state.pool = pool
+    if api_key:
+        app.add_middleware(RequireApiKey, key=api_key)
+    _add_error_handlers(app)
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        page = STATIC / "index.html"
+        if not page.is_file():
+            return PlainTextResponse(f"the chat page is missing ({page}); the API is at /v1", 404)
+        return FileResponse(page)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": model_name, **pool.stats()}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict:
+        if model_id != model_name:
+            raise ApiError(404, f"no model {model_id!r}; this server has {model_name!r}", param="model",
+                           code="model_not_found")
+        return card
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest):
+        prompt, sampling = _prepare(req, tok, context)
+        try:
+            job = pool.submit(prompt, sampling)
+        except Overloaded as e:
+            raise ApiError(503, f"server overloaded: {e}", type="server_error", code="overloaded") from None
+        reply = Reply(model_name, len(prompt))
+        if req.stream:
+            include_usage = req.stream_options is not None and req.stream_options.include_usage
+            return JobStream(pool, job, _events(job, reply, include_usage))
+        try:
+            text = "".join([piece async for piece in job.pieces()])
+        except GenerationFailed as e:
+            raise ApiError(500, str(e), type="server_error") from None
+        finally:
+            pool.cancel(job)  # a no-op once finished; frees the worker if this request was abandoned
+        return reply.completion(text, job.result)
+
+    if STATIC.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape: validation (400), routing (404, 405), our own, and bugs (500)."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request, exc: ApiError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request, exc: RequestValidationError):
+        return _validation_error(exc).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        message = f"{exc.detail}: {request.method} {request.url.path}"
+        return ApiError(exc.status_code, message).response(exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request, exc: Exception):
+        return ApiError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
+
+
+# ---------------------------------------------------------------------------------------------
+# nanochat serve
+
+
+@dataclass
+class ServeConfig:
+    source: Annotated[ModelSource, tyro.conf.OmitArgPrefixes] = field(default_factory=ModelSource)
+    host: str = "127.0.0.1"
+    """Address to listen on; 0.0.0.0 lets other machines in (set an --api-key then)."""
+    port: int = 8000
+    workers: int = 1
+    """Generation threads sharing the model on CPU or MPS (on CUDA: one per GPU, each with its own copy)."""
+    max_batch: int = 8
+    """Replies a worker writes at once, in one batched generation (requests waiting together share it)."""
+    max_queue: int = 64
+    """Requests that may wait for a free worker; more get 503 (overloaded)."""
+    api_key: str = ""
+    """Require `Authorization: Bearer <key>` on /v1/* (else $NANOCHAT_API_KEY; neither: open)."""
+
+    def __post_init__(self) -> None:
+        check_positive(self, "workers", "max_batch")
+        check_positive(self, "max_queue", "port", allow_zero=True)
+        if self.port > 65535:
+            raise ConfigError(f"--port must be at most 65535 (got {self.port})")
+
+
+def load_engines(cfg: ServeConfig) -> tuple[list[Engine], str]:
+    """One engine per CUDA GPU, or `--workers` references to one engine elsewhere; and the model's name."""
+    rt = init_runtime(cfg.source.device, cfg.source.dtype)
+    if rt.device.type != "cuda":
+        engine, name = load_engine(cfg.source, rt)
+        return [engine] * cfg.workers, name
+    loaded = [load_engine(cfg.source, dataclasses.replace(rt, device=torch.device("cuda", i)))
+              for i in range(torch.cuda.device_count())]
+    return [engine for engine, _ in loaded], loaded[0][1]
+
+
+def cli(argv: list[str]) -> int:
+    cfg = parse_config(ServeConfig, argv, prog="nanochat serve",
+                       description="Chat with a trained model in the browser, or through the OpenAI-compatible "
+                                   "API at /v1 (any OpenAI client: base_url=http://HOST:PORT/v1).")
+    engines, name = load_engines(cfg)
+    api_key = cfg.api_key or os.environ.get("NANOCHAT_API_KEY", "")
+    app = create_app(engines, name, api_key=api_key or None, max_queue=cfg.max_queue, max_batch=cfg.max_batch)
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    url = f"http://{host}:{cfg.port}"
+    print(f"nanochat serve: {name} on {len(engines)} {engines[0].rt.device.type} worker(s), batches of up to "
+          f"{cfg.max_batch}"
+          + ("; /v1 needs the API key" if api_key else ""))
+    print(f"  chat:  {url}/\n  API:   {url}/v1  (OpenAI-compatible)", flush=True)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+    return 0

@@ -1,0 +1,200 @@
+"""Generation off the event loop: a pool of worker threads, one per engine, fed from one queue.
+
+A request becomes a Job. A worker takes the oldest waiting job together with whatever else is
+waiting (up to `max_batch` jobs whose prompts and budgets fit the context side by side) and writes
+all their replies in one batched generation: on a CPU, or a GPU with room to spare, a batch of 8
+costs little more per step than one reply. Each job has its own sampling settings and seed, and
+its reply does not depend on its neighbours (Engine.generate's per-row sampling). A job leaves as
+soon as its own reply ends; jobs that arrive meanwhile wait for the next batch.
+
+Admission is counted, not left to the queue: `max_queue` jobs may wait beyond those an idle worker
+will take at once, and a request beyond that is refused at once (the server answers 503) instead
+of piling up. A worker streams each job's text back to the event loop through an asyncio queue,
+and stops writing a job whose client went away (the whole batch, once every client has gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from nanochat.engine import Engine, ReplyText, Sampling
+
+log = logging.getLogger("nanochat.serve")
+
+
+class Overloaded(Exception):
+    """Every worker is busy and the waiting queue is full."""
+
+
+class GenerationFailed(Exception):
+    """The engine raised while writing a reply (a bug, or the device ran out of memory)."""
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # "stop" (the model ended its turn) or "length" (max_tokens ran out)
+    completion_tokens: int
+
+
+class Job:
+    """One reply to write: the prompt, the engine's sampling arguments, and the way back to the
+    event loop that waits for it."""
+
+    def __init__(self, prompt: list[int], sampling: dict, loop: asyncio.AbstractEventLoop):
+        self.prompt, self.sampling = prompt, sampling
+        self.cancelled = threading.Event()
+        self.state = "waiting"  # -> "running" -> "done"; guarded by the pool's lock
+        self.result: Finished | None = None
+        self._loop, self._events = loop, asyncio.Queue()
+
+    def emit(self, item: str | Finished | GenerationFailed) -> None:
+        """Hand an item to the event loop (called from the worker thread)."""
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, item)
+        except RuntimeError:  # the loop is closed: the server stopped, nobody is listening
+            self.cancelled.set()
+
+    async def pieces(self) -> AsyncIterator[str]:
+        """The reply's text as it is written; afterwards `result` says how it finished."""
+        while True:
+            item = await self._events.get()
+            if isinstance(item, GenerationFailed):
+                raise item
+            if isinstance(item, Finished):
+                self.result = item
+                return
+            yield item
+
+
+class WorkerPool:
+    """One thread per entry of `engines` (an engine may appear several times: threads sharing a
+    model on the CPU), each writing up to `max_batch` replies at once, first come, first served."""
+
+    def __init__(self, engines: Sequence[Engine], max_queue: int, max_batch: int = 8):
+        self.engines, self.max_queue, self.max_batch = list(engines), max_queue, max_batch
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._waiting = self._busy = self._busy_workers = 0
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        self._threads = [threading.Thread(target=self._work, args=(engine,), name=f"nanochat-worker-{i}",
+                                          daemon=True) for i, engine in enumerate(self.engines)]
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        """Let each worker finish its current batch, then exit."""
+        for _ in self._threads:
+            self._jobs.put(None)
+        self._threads = []
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"workers": len(self.engines), "max_batch": self.max_batch, "busy": self._busy,
+                    "waiting": self._waiting, "max_queue": self.max_queue}
+
+    def submit(self, prompt: list[int], sampling: dict) -> Job:
+        """Queue a job (call from the event loop), or raise Overloaded when there is no room."""
+        job = Job(prompt, sampling, asyncio.get_running_loop())
+        with self._lock:
+            idle_workers = len(self.engines) - self._busy_workers
+            if self._waiting >= self.max_queue + idle_workers:
+                raise Overloaded(f"all {len(self.engines)} workers are busy and {self._waiting} requests are "
+                                 "already waiting; try again shortly")
+            self._waiting += 1
+        self._jobs.put(job)
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Stop a job: a waiting one gives its place back now, a running one stops at its next
+        token. Does nothing to a finished job."""
+        job.cancelled.set()
+        with self._lock:
+            if job.state == "waiting":
+                job.state = "done"
+                self._waiting -= 1
+
+    def _work(self, engine: Engine) -> None:
+        if engine.rt.device.type == "cuda":
+            torch.cuda.set_device(engine.rt.device)  # the current device is per thread
+        held: Job | None = None  # a job that did not fit beside the last batch: first in the next
+        stopping = False
+        while not stopping:
+            first = held or self._jobs.get()
+            if first is None:
+                return
+            batch, held = [first], None
+            while len(batch) < self.max_batch:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:  # stop after this batch
+                    stopping = True
+                    break
+                if not _fits(engine, [*batch, job]):
+                    held = job
+                    break
+                batch.append(job)
+            with self._lock:
+                batch = [job for job in batch if job.state == "waiting"]  # drop those cancelled while waiting
+                for job in batch:
+                    job.state = "running"
+                self._waiting -= len(batch)
+                self._busy += len(batch)
+                self._busy_workers += bool(batch)
+            if batch:
+                self._run(engine, batch)
+                with self._lock:
+                    self._busy_workers -= 1
+
+    def _finish(self, job: Job, outcome: Finished | GenerationFailed) -> None:
+        # Free the job's place before its client hears the end, so the client's next request finds room.
+        with self._lock:
+            job.state = "done"
+            self._busy -= 1
+        job.emit(outcome)
+
+    def _run(self, engine: Engine, batch: list[Job]) -> None:
+        """Write every reply of `batch` in one generation; each job ends as soon as its reply does."""
+        texts = [ReplyText(engine) for _ in batch]
+        sampling = [Sampling(**job.sampling) for job in batch]
+        live = set(range(len(batch)))
+        try:
+            steps = engine.generate([job.prompt for job in batch], sampling=sampling)
+            for step in steps:
+                for i in list(live):
+                    job, text = batch[i], texts[i]
+                    if not job.cancelled.is_set():
+                        piece = text.feed(step[i])
+                        ended = text.finish_reason == "stop" or len(text.tokens) == sampling[i].max_tokens
+                        if ended:
+                            piece += text.flush()
+                        if piece:
+                            job.emit(piece)
+                        if not ended:
+                            continue
+                    live.discard(i)
+                    self._finish(job, Finished(text.finish_reason, len(text.tokens)))
+                if not live:
+                    steps.close()  # everyone is answered or gone: stop the batch now
+        except Exception as e:
+            log.exception("generation failed")
+            for i in live:
+                self._finish(batch[i], GenerationFailed(f"generation failed: {type(e).__name__}: {e}"))
+
+
+def _fits(engine: Engine, jobs: list[Job]) -> bool:
+    """Whether `jobs` can share one batch: rows are padded to the longest prompt and run for the
+    largest budget, which must fit the model's context together."""
+    width = max(len(job.prompt) for job in jobs)
+    budget = max(job.sampling["max_tokens"] for job in jobs)
+    return width + budget <= engine.model.cos.size(0)

@@ -24,6 +24,9 @@ from nanochat.errors import NanochatError  # noqa: E402
 from nanochat.metrics import read_metrics  # noqa: E402
 
 STAGES = (("pretrain", "base", ""), ("mid", "mid", "mid"), ("sft", "sft", "sft"))  # log name, label, subdir
+# `nanochat eval` metrics with a headline title; per-task scores keep their task name
+EVAL_TITLES = {"val_bpb": "validation bpb (`nanochat eval`)", "core": "CORE (centered)",
+               "chatcore": "ChatCORE (centered)"}
 
 
 @dataclass
@@ -124,12 +127,12 @@ def build_report(run: str, gpu_hour_usd: float = 2.5) -> Path:
     lines += ["", "## Evaluation", "", "| metric | BASE | MID | SFT |", "|---|---:|---:|---:|"]
     results = {label: _final(by_stage[name]) for name, label, _ in STAGES}
     evals = {label: _eval_file(folder / "eval" / f"{label}.json") for _, label, _ in STAGES}
-    rows = [("validation bits per byte", lambda lab: results[lab].get("val_bpb") if lab == "base" else None),
+    rows = [("validation bpb, last of pretraining", lambda lab: results[lab].get("val_bpb") if lab == "base" else None),
             ("held-out answers, bits per byte", lambda lab: results["mid"].get("answer_bpb_base") if lab == "base"
              else results[lab].get("answer_bpb")),
             ("closes its turn (held-out prompts)", lambda lab: results[lab].get("assistant_end_rate"))]
-    for key in sorted({k for e in evals.values() for k in e}):
-        rows.append((key, lambda lab, key=key: evals[lab].get(key)))
+    for key in sorted({k for e in evals.values() for k in e}, key=lambda k: (k not in EVAL_TITLES, k)):
+        rows.append((EVAL_TITLES.get(key, key), lambda lab, key=key: evals[lab].get(key)))
     for title, get in rows:
         lines.append(f"| {title} | " + " | ".join(_fmt(get(lab), ".4f") for _, lab, _ in STAGES) + " |")
 

@@ -30,7 +30,8 @@ def test_tiny_speedrun_runs_every_built_stage_then_skips_them(tmp_path, monkeypa
     assert "closes its turn on" in out  # the chat stages' held-out checks ran
     report = (run_dir("tiny") / "report.md").read_text()
     assert "| base | 6 |" in report and "bpb " in report  # measured numbers, from this run
-    assert "| chatcore | — |" in report  # the chat evaluations of mid and sft, next to base's dash
+    assert "| ChatCORE (centered) | — |" in report  # the chat evaluations of mid and sft, next to base's dash
+    assert "| validation bpb (`nanochat eval`) | " in report
     tok_stats = json.loads((run_dir("tiny") / "tokenizer.json").read_text())["tokenizers"]
     assert "## Tokenizer" in report and f"| tiny | 1,024 | {tok_stats[0]['tokens']:,} |" in report
     assert f"| cl100k_base | {tok_stats[1]['vocab_size']:,} | {tok_stats[1]['tokens']:,} |" in report

@@ -119,6 +119,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pad = torch.zeros(batch_size, dtype=torch.long, device=device) if pad is None else pad.to(device)
+        self.padded = pad is not None and bool(pad.any())  # no pad slots: decoding needs no mask at all
         self.pos = 0  # slots filled so far, the same for every row
         self.max_len = max_len
 
@@ -155,8 +156,10 @@ class CausalSelfAttention(nn.Module):
         if self.n_kv_head != self.n_head:  # GQA: each group of query heads shares one key/value head
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        # Training uses is_causal (flash kernels); with a cache the explicit mask also hides pad slots.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        # mask: "causal" (training, a first chunk: flash kernels), "all" (one new token, no pad slots),
+        # or a boolean tensor that also hides pad slots.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if isinstance(mask, torch.Tensor) else None,
+                                           is_causal=isinstance(mask, str) and mask == "causal")
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -234,10 +237,15 @@ class GPT(nn.Module):
         if kv_cache is None:
             if T > self.cos.size(0):
                 raise NanochatError(f"sequence of {T} tokens is longer than the model's {self.cos.size(0)} positions")
-            cos, sin, mask = self.cos[:T], self.sin[:T], None
+            cos, sin, mask = self.cos[:T], self.sin[:T], "causal"
+        elif kv_cache.pos + T > kv_cache.max_len:
+            raise NanochatError(f"KV cache full: {kv_cache.pos} + {T} tokens > max_len {kv_cache.max_len}")
+        elif not kv_cache.padded and (T == 1 or kv_cache.pos == 0):
+            # The common case, cheap: no pad slots, so positions are slots, and the new tokens are either
+            # one (it sees every slot so far) or the first chunk (plain causal attention).
+            cos, sin = self.cos[kv_cache.pos:kv_cache.pos + T], self.sin[kv_cache.pos:kv_cache.pos + T]
+            mask = "all" if T == 1 else "causal"
         else:
-            if kv_cache.pos + T > kv_cache.max_len:
-                raise NanochatError(f"KV cache full: {kv_cache.pos} + {T} tokens > max_len {kv_cache.max_len}")
             slot = kv_cache.pos + torch.arange(T, device=idx.device)  # (T,) cache slots of the new tokens
             pad = kv_cache.pad.view(B, 1, 1)
             pos = (slot - pad[:, 0]).clamp(min=0)  # (B, T) position in each row's own text

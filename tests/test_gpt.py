@@ -156,8 +156,9 @@ def test_kv_cache_chunked_prefill_and_overflow():
     x = torch.randint(0, 100, (2, 20))
     cache = model.new_kv_cache(2, 20)
     with torch.no_grad():
-        chunks = torch.cat([model(x[:, :8], kv_cache=cache), model(x[:, 8:13], kv_cache=cache),
-                            model(x[:, 13:], kv_cache=cache)], dim=1)
+        # No pad slots: the first chunk and single tokens take the mask-free path, other chunks the masked one.
+        cuts = [0, 8, 13, 14, 15, 20]
+        chunks = torch.cat([model(x[:, a:b], kv_cache=cache) for a, b in zip(cuts, cuts[1:])], dim=1)
         torch.testing.assert_close(chunks, model(x), atol=1e-5, rtol=1e-5)
         assert cache.k.shape == (2, 2, 2, 20, 16)  # (n_layer, B, n_kv_head, max_len, head_dim)
         with pytest.raises(NanochatError, match="KV cache full"):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import os
 import statistics
 import time
@@ -80,7 +81,7 @@ def decode_cached(model: GPT, prompt: torch.Tensor, new: int, dtype: torch.dtype
             out.append(model(out[-1][:, None], kv_cache=cache)[:, -1].argmax(-1))
         sync(device)
         marks.append(time.perf_counter())
-    return torch.stack(out, 1), marks[-1] - start, [b - a for a, b in zip(marks, marks[1:])]
+    return torch.stack(out, 1), marks[-1] - start, [b - a for a, b in itertools.pairwise(marks)]
 
 
 @torch.no_grad()

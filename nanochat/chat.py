@@ -68,7 +68,7 @@ class Chat:
     def __init__(self, engine: Engine, cfg: ChatCliConfig):
         self.engine, self.cfg = engine, cfg
         self.temperature = cfg.temperature
-        self.context = engine.model.cos.size(0)
+        self.context = engine.context
         # Room kept for a reply when old exchanges must go: --max-tokens, but never more than half the
         # context, so that a large --max-tokens bounds replies without erasing the conversation.
         self.reserve = min(cfg.max_tokens, self.context // 2)

@@ -71,6 +71,11 @@ class Engine:
         self.python_start, self.python_end = sid("<|python_start|>"), sid("<|python_end|>")
         self.output_start, self.output_end = sid("<|output_start|>"), sid("<|output_end|>")
 
+    @property
+    def context(self) -> int:
+        """Most tokens one sequence (prompt and reply) may hold: the model's rotary positions."""
+        return self.model.cos.size(0)
+
     def _tool_result(self, call: list[int]) -> list[int]:
         try:
             result = calculate(self.tok.decode(call))
@@ -94,7 +99,7 @@ class Engine:
             sampling = [Sampling(max_tokens, temperature, top_k, top_p, seed)] * len(prompts)
         if len(sampling) != len(prompts):
             raise ValueError(f"{len(sampling)} sampling settings for {len(prompts)} prompts")
-        limit, width = model.cos.size(0), max(map(len, prompts))
+        limit, width = self.context, max(map(len, prompts))
         budget = max(s.max_tokens for s in sampling)
         if width + budget > limit:
             raise ValueError(f"prompt ({width} tokens) + max_tokens ({budget}) exceeds the model's {limit} "

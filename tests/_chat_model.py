@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
 import torch
 
 from nanochat.checkpoint import save_checkpoint
@@ -31,3 +32,13 @@ def make_chat_model(run: str = "t", tokenizer: str = "t", stage: str = "sft", se
     meta = {"config": {"model": dataclasses.asdict(shape)}, "tokenizer": tokenizer_identity(tokenizer, tok),
             "final": True}
     return save_checkpoint(stage_dir(run, stage), 1, model, meta)
+
+
+def chat_model_home(tmp_path_factory) -> Path:
+    """A fresh NANOCHAT_HOME holding run "t" with tokenizer "t" (for module-scoped fixtures, which
+    cannot use monkeypatch): set NANOCHAT_HOME to it in the test."""
+    path = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOCHAT_HOME", str(path))
+        make_chat_model(run="t", tokenizer="t")
+    return path

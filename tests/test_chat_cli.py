@@ -15,7 +15,7 @@ from nanochat.cli import main
 from nanochat.engine import Engine, ModelSource, load_engine
 from nanochat.runtime import init_runtime
 from nanochat.tokenizer import Tokenizer
-from tests._chat_model import TEXT, make_chat_model
+from tests._chat_model import TEXT, chat_model_home
 
 RT = init_runtime(device="cpu")
 
@@ -98,11 +98,7 @@ def user_turn(tok, text: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    path = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NANOCHAT_HOME", str(path))
-        make_chat_model(run="t", tokenizer="t")
-    return path
+    return chat_model_home(tmp_path_factory)
 
 
 def test_one_shot_prints_the_reply_and_nothing_else(home, monkeypatch, capsys):

@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -158,7 +159,7 @@ def test_kv_cache_chunked_prefill_and_overflow():
     with torch.no_grad():
         # No pad slots: the first chunk and single tokens take the mask-free path, other chunks the masked one.
         cuts = [0, 8, 13, 14, 15, 20]
-        chunks = torch.cat([model(x[:, a:b], kv_cache=cache) for a, b in zip(cuts, cuts[1:])], dim=1)
+        chunks = torch.cat([model(x[:, a:b], kv_cache=cache) for a, b in itertools.pairwise(cuts)], dim=1)
         torch.testing.assert_close(chunks, model(x), atol=1e-5, rtol=1e-5)
         assert cache.k.shape == (2, 2, 2, 20, 16)  # (n_layer, B, n_kv_head, max_len, head_dim)
         with pytest.raises(NanochatError, match="KV cache full"):

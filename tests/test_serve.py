@@ -22,7 +22,7 @@ from nanochat.cli import main
 from nanochat.engine import Engine, ModelSource, load_engine
 from nanochat.runtime import init_runtime
 from nanochat.serve.app import STATIC, cli, create_app
-from tests._chat_model import make_chat_model
+from tests._chat_model import chat_model_home
 from tests._server import serving
 
 RT = init_runtime(device="cpu")
@@ -35,11 +35,7 @@ HELLO = [{"role": "user", "content": "Hello there!"}]
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    path = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NANOCHAT_HOME", str(path))
-        make_chat_model(run="t", tokenizer="t")
-    return path
+    return chat_model_home(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -285,7 +285,7 @@ def greedy_generate(model: nn.Module, tok: Tokenizer, rt: Runtime, max_new_token
         out = []
         for i in range(0, len(prompts), batch_size):
             batch = prompts[i:i + batch_size]
-            room = model.cos.size(0) - max(map(len, batch))
+            room = engine.context - max(map(len, batch))
             out += engine.complete(batch, max_tokens=max(1, min(max_new_tokens, room)))
         return out
 

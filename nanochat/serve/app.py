@@ -254,7 +254,7 @@ def create_app(engines: Engine | Sequence[Engine], model_name: str, *, api_key: 
         # restore would race, so the models are put in eval mode for good.
         engine.model.eval()
     pool = WorkerPool(engines, max_queue, max_batch)
-    tok, context = engines[0].tok, engines[0].model.cos.size(0)
+    tok, context = engines[0].tok, engines[0].context
     card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "nanochat"}
 
     @asynccontextmanager

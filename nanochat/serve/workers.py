@@ -197,4 +197,4 @@ def _fits(engine: Engine, jobs: list[Job]) -> bool:
     largest budget, which must fit the model's context together."""
     width = max(len(job.prompt) for job in jobs)
     budget = max(job.sampling["max_tokens"] for job in jobs)
-    return width + budget <= engine.model.cos.size(0)
+    return width + budget <= engine.context

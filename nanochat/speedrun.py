@@ -52,6 +52,16 @@ def _run_stage(argv: list[str], nproc: int) -> None:
     subprocess.run(command, check=True)
 
 
+def _earlier_timings(run: str) -> dict[str, float]:
+    """Seconds of each stage an earlier speedrun of `run` ran to the end (none if there was none, or
+    its summary is unreadable: the times are only a report's figures)."""
+    try:
+        stages = json.loads((run_dir(run) / "speedrun.json").read_text())["stages"]
+        return {s["stage"]: float(s["seconds"]) for s in stages if s["status"] in ("done", "done earlier")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 def _write_summary(run: str, preset: str, data: str, timings: list[tuple[str, str, float]]) -> None:
     summary = {"preset": preset, "run": run, "data": data, "stages": [
         {"stage": n, "status": s, "seconds": round(t, 2)} for n, s, t in timings]}
@@ -71,13 +81,15 @@ def cli(argv: list[str]) -> int:
     nproc = cfg.nproc or max(gpus, 1)
     tok_name = train.tokenizer
     timings: list[tuple[str, str, float]] = []
+    earlier = _earlier_timings(run)
     print(f"speedrun: preset {preset}, run {run}, data {data}, {nproc} process(es); home {home()}\n", flush=True)
 
     def stage(name: str, skip_reason: str | None, action) -> None:
         print(f"=== {name} ===", flush=True)
         if skip_reason:
             print(f"skipped: {skip_reason}\n", flush=True)
-            timings.append((name, "skipped", 0.0))
+            # A stage finished by an earlier speedrun keeps its time, so that the total is the run's.
+            timings.append((name, "done earlier", earlier[name]) if name in earlier else (name, "skipped", 0.0))
             return
         start = time.perf_counter()
         action()

@@ -39,8 +39,14 @@ def test_tiny_speedrun_runs_every_built_stage_then_skips_them(tmp_path, monkeypa
         assert f"]({plot})" in report
         assert (run_dir("tiny") / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    assert speedrun.cli(["--preset", "tiny"]) == 0  # a re-run skips what is finished
+    first = {s["stage"]: s["seconds"] for s in summary["stages"]}
+    assert speedrun.cli(["--preset", "tiny"]) == 0  # a re-run skips what is finished, keeping its time
     out = capsys.readouterr().out
-    status = {s["stage"]: s["status"] for s in json.loads((run_dir("tiny") / "speedrun.json").read_text())["stages"]}
-    assert all(status[s] == "skipped" for s in ("tokenizer train", "pretrain", "midtrain", "sft"))
+    stages = json.loads((run_dir("tiny") / "speedrun.json").read_text())["stages"]
+    finished = ("tokenizer train", "pretrain", "midtrain", "sft")
+    assert {s["stage"]: (s["status"], s["seconds"]) for s in stages if s["stage"] in finished} == \
+        {name: ("done earlier", first[name]) for name in finished}
+    assert first["pretrain"] > 0
     assert "already finished" in out
+    report = (run_dir("tiny") / "report.md").read_text()
+    assert f"| pretrain | done earlier | {first['pretrain']:.1f} |" in report

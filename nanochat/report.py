@@ -80,7 +80,7 @@ def build_report(run: str, gpu_hour_usd: float = 2.5) -> Path:
              f"| nanochat / torch | {env['nanochat']} / {env['torch']} |"]
     lines += [f"| device | {d['type']}: {d['name']} |" for d in env["devices"]]
     lines += ["", "## Stages", "",
-              "| stage | steps | parameters | tokens or conversations | wall-clock | mean tok/s | mean MFU "
+              "| stage | steps | parameters | data seen | wall-clock | mean tok/s | mean MFU "
               "| final loss | validation |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     tokenizer_meta = None
     for name, label, sub in STAGES:
@@ -95,8 +95,11 @@ def build_report(run: str, gpu_hour_usd: float = 2.5) -> Path:
         tok_s = [r["tok_per_s"] for r in steps if r.get("tok_per_s")]
         mfus = [r["mfu"] for r in steps if r.get("mfu") is not None]
         config = meta.get("config", {})
+        positions = sum(r.get("tokens", 0) for r in steps)  # the chat stages log what each step processed
         volume = (f"{config['total_batch_tokens'] * len(steps):,} tokens" if name == "pretrain" and config
                   else f"{config.get('batch_size', 0) * len(steps):,} sequences" if config else "—")
+        if positions and name != "pretrain":
+            volume += f" ({positions:,} tokens)"
         val = [r for r in by_stage[name] if "val_bpb" in r or "val_loss" in r]
         val_text = (f"bpb {val[-1]['val_bpb']:.4f}" if val and "val_bpb" in val[-1]
                     else f"loss {val[-1]['val_loss']:.4f}" if val else "—")
@@ -105,6 +108,9 @@ def build_report(run: str, gpu_hour_usd: float = 2.5) -> Path:
         lines.append(f"| {label} | {len(steps)} | {_fmt(params, ',') if params else '—'} | {volume} | "
                      f"{steps[-1].get('elapsed', 0):.0f} s | {mean_tok_s} | {mean_mfu} | {steps[-1]['loss']:.4f} "
                      f"| {val_text} |")
+    if not any(r.get("mfu") is not None for name, _, _ in STAGES for r in by_stage[name]):
+        lines += ["", "MFU is shown where the device's peak FLOP/s is known (the GPUs in "
+                      "`nanochat.runtime.PEAK_BF16_FLOPS`); this run's device is not one of them."]
     lines += _tokenizer_section(folder / "tokenizer.json", tokenizer_meta)
 
     lines += ["", "## Curves", ""]

@@ -65,6 +65,11 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
+    @property
+    def peak_flops(self) -> float | None:
+        """Peak bf16 FLOP/s of this process's GPU (None on CPU/MPS or an unknown GPU: no MFU then)."""
+        return peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
+
     def sync(self) -> None:
         """Wait for queued device work (for honest timings)."""
         if self.device.type == "cuda":

@@ -25,8 +25,10 @@ def test_packed_rows_are_full_and_only_assistant_tokens_are_targets():
 
 def test_padded_rows_hold_one_conversation_each_and_padding_is_never_a_target():
     convs = [conv(4, 2), conv(9, 3)]
-    x, y = next(ChatBatches(convs, batch_size=2, seq_len=16, packed=False, device=torch.device("cpu")))
+    batches = ChatBatches(convs, batch_size=2, seq_len=16, packed=False, device=torch.device("cpu"))
+    x, y = next(batches)
     assert x.shape == (2, 8)
+    assert batches.positions == 16  # what the model processes: both rows, padding included
     assert (y[0, 3:] == -1).all()  # past the 4-token conversation: padding
     assert y[0, :3].tolist() == [-1, 102, 103]
 

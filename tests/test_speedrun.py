@@ -30,6 +30,13 @@ def test_tiny_speedrun_runs_every_built_stage_then_skips_them(tmp_path, monkeypa
     assert "closes its turn on" in out  # the chat stages' held-out checks ran
     report = (run_dir("tiny") / "report.md").read_text()
     assert "| base | 6 |" in report and "bpb " in report  # measured numbers, from this run
+    stage_table = report.split("## Stages")[1].split("##")[0]
+    stage_rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in stage_table.splitlines()
+                  if line.startswith(("| base |", "| mid |", "| sft |"))}
+    for stage in ("base", "mid", "sft"):  # steps, parameters, data, wall-clock, tok/s: all measured
+        assert all(cell.strip() != "—" for cell in stage_rows[stage][1:6]), stage_rows[stage]
+    assert " tokens)" in stage_rows["sft"][3]  # sequences, and the token positions they filled
+    assert "MFU is shown where the device's peak FLOP/s is known" in report  # a CPU run has no MFU
     assert "| ChatCORE (centered) | — |" in report  # the chat evaluations of mid and sft, next to base's dash
     assert "| validation bpb (`nanochat eval`) | " in report
     tok_stats = json.loads((run_dir("tiny") / "tokenizer.json").read_text())["tokenizers"]

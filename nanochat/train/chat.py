@@ -35,7 +35,7 @@ from nanochat.metrics import MetricsLogger, progress
 from nanochat.optim import apply_schedule, build_optimizer
 from nanochat.runtime import Runtime, init_runtime, print0, teardown
 from nanochat.tokenizer import Tokenizer
-from nanochat.train.loop import train_step
+from nanochat.train.loop import rates_postfix, step_rates, train_step
 from nanochat.train.pretrain import load_tokenizer, tokenizer_identity
 
 # stage -> (the stage it starts from, in order of preference)
@@ -102,6 +102,7 @@ class ChatBatches:
         else:
             self.rows = conversations
         self.next_row = 0
+        self.positions = 0  # token positions of every batch handed out so far (padding included)
 
     def __len__(self) -> int:
         """Whole batches left in one pass, for this rank."""
@@ -123,6 +124,7 @@ class ChatBatches:
             ids[b, :row.shape[1]] = row[0]
             learn[b, :row.shape[1]] = row[1] == 1
         x = torch.from_numpy(ids[:, :-1])
+        self.positions += x.numel()
         y = torch.from_numpy(np.where(learn[:, 1:], ids[:, 1:], -1))
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
@@ -228,6 +230,7 @@ def train_chat(stage: str, cfg: ChatConfig, rt: Runtime) -> dict:
                                                    ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr",
                                                     "adamw_matrix_lr")})
     optimizer = build_optimizer(model, optim_cfg, cfg.batch_size * T)
+    flops_per_token = model.flops_per_token()
 
     step = 0
     previous = latest_checkpoint(out_dir)
@@ -261,13 +264,19 @@ def train_chat(stage: str, cfg: ChatConfig, rt: Runtime) -> dict:
     try:
         while step < total_steps:
             lr_mult = apply_schedule(optimizer, step, total_steps, optim_cfg)
+            t0, positions = time.perf_counter(), batches.positions
             loss, n_tokens = train_step(train_model, optimizer, batches, accum, rt)
+            rt.sync()
+            # Every position of every row goes through the model, an SFT row's padding too (this
+            # rank's count × ranks: the other ranks' rows are as wide, up to their own padding).
+            positions = (batches.positions - positions) * rt.world_size
+            tok_per_s, mfu = step_rates(positions, time.perf_counter() - t0, flops_per_token, rt)
             if not math.isfinite(loss):
                 raise NanochatError(f"the {stage} loss became {loss} at step {step + 1}; lower --lr-scale")
             step += 1
             logger.log(step, stage=stage, loss=loss, lr_mult=lr_mult, supervised_tokens=n_tokens,
-                       elapsed=time.time() - started)
-            bar.set_postfix(loss=f"{loss:.3f}")
+                       tokens=positions, tok_per_s=tok_per_s, mfu=mfu, elapsed=time.time() - started)
+            bar.set_postfix(rates_postfix(loss, tok_per_s, mfu))
             bar.update()
             done = step == total_steps
             if done or (cfg.eval_every and step % cfg.eval_every == 0):

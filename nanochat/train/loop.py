@@ -33,6 +33,19 @@ def grad_accum_steps(total_batch_tokens: int, micro_batch: int, seq_len: int, wo
     return total_batch_tokens // per_micro_step
 
 
+def step_rates(tokens: int, seconds: float, flops_per_token: int, rt: Runtime) -> tuple[float, float | None]:
+    """(tokens/s of all ranks, model FLOPs utilisation or None when the device's peak is unknown) of
+    a step that processed `tokens` positions in all, forward and backward, in `seconds`."""
+    tok_per_s = tokens / seconds
+    peak = rt.peak_flops
+    return tok_per_s, (flops_per_token * tok_per_s / (peak * rt.world_size) if peak else None)
+
+
+def rates_postfix(loss: float, tok_per_s: float, mfu: float | None) -> dict[str, str]:
+    """What a training progress bar shows after each step."""
+    return {"loss": f"{loss:.3f}", "tok_s": f"{tok_per_s:,.0f}", **({"mfu": f"{mfu:.1%}"} if mfu is not None else {})}
+
+
 def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(value, op=dist.ReduceOp.SUM)

@@ -26,9 +26,9 @@ from nanochat.evaluate.bpb import evaluate_bpb, token_byte_lengths
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.metrics import MetricsLogger, progress
 from nanochat.optim import apply_schedule, build_optimizer
-from nanochat.runtime import Runtime, init_runtime, peak_flops, print0, teardown
+from nanochat.runtime import Runtime, init_runtime, print0, teardown
 from nanochat.tokenizer import Tokenizer
-from nanochat.train.loop import grad_accum_steps, train_step
+from nanochat.train.loop import grad_accum_steps, rates_postfix, step_rates, train_step
 
 SAMPLE_PROMPTS = [
     "The capital of France is",
@@ -108,7 +108,6 @@ def pretrain(cfg: TrainConfig, rt: Runtime) -> dict:
     if cfg.compile:
         train_model = torch.compile(train_model)
     token_bytes = token_byte_lengths(tok, rt.device)
-    peak = peak_flops(torch.cuda.get_device_name(rt.device)) if rt.device.type == "cuda" else None
     identity = tokenizer_identity(cfg.tokenizer, tok)
     config = dataclasses.asdict(cfg)
     print0(f"pretrain {cfg.run}: {n_params / 1e6:.2f}M parameters, {total_steps} steps of {cfg.total_batch_tokens:,} "
@@ -153,14 +152,12 @@ def pretrain(cfg: TrainConfig, rt: Runtime) -> dict:
                     + (f"The last good checkpoint is {last}; " if last else "No checkpoint was written yet; ")
                     + "lower the learning rates (--optim.matrix-lr, --optim.embedding-lr …) and start again")
             step += 1
-            tok_per_s = cfg.total_batch_tokens / dt
-            mfu = flops_per_token * tok_per_s / (peak * rt.world_size) if peak else None
+            tok_per_s, mfu = step_rates(cfg.total_batch_tokens, dt, flops_per_token, rt)
             elapsed = time.time() - started
             logger.log(step, stage="pretrain", loss=loss, lr=optimizer.param_groups[0]["lr"], lr_mult=lr_mult,
                        tok_per_s=tok_per_s, mfu=mfu, cropped=loader.cropped_fraction, elapsed=elapsed,
                        eta_s=elapsed / (step - first_step) * (total_steps - step))
-            progress_bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_per_s:,.0f}",
-                                     **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
+            progress_bar.set_postfix(rates_postfix(loss, tok_per_s, mfu))
             progress_bar.update()
             done = step == total_steps
             if done or (cfg.eval_every and step % cfg.eval_every == 0):

@@ -64,7 +64,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode_cached(model: GPT, prompt: torch.Tensor, new: int, dtype: torch.dtype | None
                   ) -> tuple[torch.Tensor, float, list[float]]:
     """(tokens (B, new), seconds in all, seconds of each decode step after the prefill)."""
@@ -84,7 +84,7 @@ def decode_cached(model: GPT, prompt: torch.Tensor, new: int, dtype: torch.dtype
     return torch.stack(out, 1), marks[-1] - start, [b - a for a, b in itertools.pairwise(marks)]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode_naive(model: GPT, prompt: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype | None
                  ) -> tuple[float, int, float]:
     """Recompute the whole sequence for every token, fed `reference`'s tokens; (seconds, choices equal

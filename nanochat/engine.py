@@ -83,7 +83,9 @@ class Engine:
             result = f"error: {e}"
         return [self.output_start, *self.tok.encode_ordinary(result), self.output_end]
 
-    @torch.no_grad()
+    # inference_mode, not no_grad: no autograd bookkeeping at all (not even version counters), which
+    # is a tenth of a small model's decode step on a CPU.
+    @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_tokens: int = 256, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                  sampling: Sequence[Sampling] | None = None) -> Iterator[list[int | None]]:

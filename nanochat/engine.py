@@ -173,9 +173,10 @@ class ReplyText:
 
     A UTF-8 character split across tokens is held back until it is whole. Special tokens are not
     shown: the stop token ends the reply, and a tool call `<|python_start|>23*17<|python_end|>
-    <|output_start|>391<|output_end|>` reads `23*17 = 391`. `tokens` holds every token fed (as
-    OpenAI's usage counts them); `finish_reason` is "stop" once the model closed its turn, else
-    "length".
+    <|output_start|>391<|output_end|>` reads `[23*17 = 391]`, set off from the words around it by
+    a space (the chat format puts none there: "Let me compute that.[23*17 = 391] The answer…").
+    `tokens` holds every token fed (as OpenAI's usage counts them); `finish_reason` is "stop"
+    once the model closed its turn, else "length".
     """
 
     def __init__(self, engine: Engine):
@@ -184,6 +185,9 @@ class ReplyText:
         self.finish_reason = "length"
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._specials = set(engine.tok.special_tokens.values())
+        self._marks = {engine.python_start: "[", engine.python_end: " = ", engine.output_end: "]"}
+        self._last = ""  # the last character shown
+        self._after_tool = False  # a tool call just closed: a word that follows gets a space first
 
     def feed(self, token: int) -> str:
         """The text that `token` makes visible (often "", e.g. half a character)."""
@@ -193,10 +197,19 @@ class ReplyText:
             self.finish_reason = "stop"
             return self.flush()
         if token in self._specials:
-            raw = b" = " if token == engine.python_end else b""
+            text = self._decoder.decode(b"", final=True)  # a character cut short by the special token
+            before = (text or self._last)[-1:]
+            if token == engine.python_start and before and not before.isspace():
+                text += " "
+            text += self._marks.get(token, "")
         else:
-            raw = engine.tok.decode_bytes([token])
-        return self._decoder.decode(raw)
+            text = self._decoder.decode(engine.tok.decode_bytes([token]))
+            if self._after_tool and text:
+                text = (" " if text[0].isalnum() else "") + text
+        if text:
+            self._after_tool = token == engine.output_end
+            self._last = text[-1]
+        return text
 
     def flush(self) -> str:
         """Whatever is held back (an unfinished character shows as U+FFFD)."""

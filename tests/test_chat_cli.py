@@ -267,6 +267,6 @@ def test_calculator_use_goes_back_to_the_model_in_the_chat_format(parrot, tok, m
     model, _ = parrot(scripts=[script, says(tok, "Ok.")])
     code, out, _ = run_chat(monkeypatch, capsys, ["What is 2+3?", "Thanks."])
     assert code == 0
-    assert "2+3 = 5 so 5.\n" in out
+    assert "[2+3 = 5] so 5.\n" in out
     written = [sid("<|python_start|>"), *call, sid("<|python_end|>"), *forced, *after, sid("<|assistant_end|>")]
     assert model.prompts[1] == model.prompts[0] + written + user_turn(tok, "Thanks.") + [sid("<|assistant_start|>")]

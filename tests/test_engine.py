@@ -129,9 +129,16 @@ def test_reply_stream_shows_tool_calls_readably_and_reports_why_it_ended(tok):
               sid("<|python_end|>")]
     script += [0] * (2 + len(tok.encode_ordinary("5"))) + tok.encode_ordinary(".") + [sid("<|assistant_end|>")]
     stream = Engine(Scripted(script, tok.vocab_size), tok, RT).stream_text([tok.bos_id], max_tokens=40)
-    assert "".join(stream) == "it is 2+3 = 5."
+    assert "".join(stream) == "it is [2+3 = 5]."
     assert stream.finish_reason == "stop" and stream.tokens[-1] == sid("<|assistant_end|>")
     assert len(stream.tokens) == len(script)  # every generated token counts, the forced ones too
+
+    # As the chat data writes it, with nothing between the words and the call: a space is put in.
+    glued = [*tok.encode_ordinary("Let me see."), sid("<|python_start|>"), *tok.encode_ordinary("6*7"),
+             sid("<|python_end|>")]
+    glued += [0] * (2 + len(tok.encode_ordinary("42"))) + tok.encode_ordinary("So 42.") + [sid("<|assistant_end|>")]
+    stream = Engine(Scripted(glued, tok.vocab_size), tok, RT).stream_text([tok.bos_id], max_tokens=40)
+    assert "".join(stream) == "Let me see. [6*7 = 42] So 42."
 
     cut = Engine(Scripted(tok.encode_ordinary("the cat sat"), tok.vocab_size), tok, RT).stream_text(
         [tok.bos_id], max_tokens=3)

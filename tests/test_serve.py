@@ -159,11 +159,12 @@ def test_openai_client_exact_reply_and_usage(model):
 # Bad requests
 
 
-def _bad_requests() -> list[tuple[str, str | dict, str]]:
+def _bad_requests() -> list[tuple[str, bytes | str | dict, str]]:
     """(what, body, a word the error message must contain)."""
     user = {"role": "user", "content": "hi"}
     return [
         ("not JSON", '{"messages": [', "JSON"),
+        ("not UTF-8", b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', "UTF-8"),
         ("not an object", "[1, 2]", "request body"),
         ("no messages", {}, "messages"),
         ("empty messages", {"messages": []}, "messages"),
@@ -190,7 +191,7 @@ def _bad_requests() -> list[tuple[str, str | dict, str]]:
 def test_malformed_requests_get_openai_errors_and_the_server_keeps_serving(server):
     with httpx2.Client(base_url=server, headers=AUTH, timeout=WAIT_S) as client:
         for what, body, word in _bad_requests():
-            content = body if isinstance(body, str) else json.dumps(body)
+            content = body if isinstance(body, (bytes, str)) else json.dumps(body)
             response = client.post(CHAT, content=content, headers={"Content-Type": "application/json"})
             error = assert_openai_error(response, 400)
             assert word in error["message"], (what, error)

@@ -330,6 +330,12 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
+        if exc.status_code == 400:  # FastAPI could not read the body (bad JSON is a validation error instead)
+            try:
+                (await request.body()).decode("utf-8")
+            except UnicodeDecodeError as e:
+                return ApiError(400, f"the request body is not valid UTF-8 (byte {e.start}): send JSON in "
+                                "UTF-8").response()
         message = f"{exc.detail}: {request.method} {request.url.path}"
         return ApiError(exc.status_code, message).response(exc.headers)
 

@@ -39,6 +39,11 @@ def test_tiny_speedrun_runs_every_built_stage_then_skips_them(tmp_path, monkeypa
     assert "MFU is shown where the device's peak FLOP/s is known" in report  # a CPU run has no MFU
     assert "| ChatCORE (centered) | — |" in report  # the chat evaluations of mid and sft, next to base's dash
     assert "| validation bpb (`nanochat eval`) | " in report
+    sft_eval = json.loads((run_dir("tiny") / "eval" / "sft.json").read_text())
+    details = sft_eval["details"]  # each task's counts beside the headline numbers the report shows
+    assert set(details) == {"wiki_mc", "spelling", "arithmetic"} and all(d["total"] > 0 for d in details.values())
+    assert sft_eval["chatcore"] == pytest.approx(sum(d["centered"] for d in details.values()) / 3)
+    assert sft_eval["spelling"] == details["spelling"]["correct"] / details["spelling"]["total"]
     tok_stats = json.loads((run_dir("tiny") / "tokenizer.json").read_text())["tokenizers"]
     assert "## Tokenizer" in report and f"| tiny | 1,024 | {tok_stats[0]['tokens']:,} |" in report
     assert f"| cl100k_base | {tok_stats[1]['vocab_size']:,} | {tok_stats[1]['tokens']:,} |" in report

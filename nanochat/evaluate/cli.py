@@ -11,7 +11,9 @@ from nanochat.runtime import Runtime, init_runtime, print0, teardown
 
 
 def evaluate_stage(stage: str, cfg: EvalConfig, rt: Runtime) -> dict | None:
-    """Flat {metric: value} for one stage of the run, or None when the run has no such model."""
+    """{metric: value} for one stage of the run, plus "details": each task's counts and baseline
+    (chat tasks: accuracy, centered, correct, total, baseline; CORE tasks: accuracy, centered, n,
+    baseline), or None when the run has no such model."""
     from nanochat.checkpoint import latest_checkpoint
     from nanochat.train.chat import load_stage_model, stage_dir
 
@@ -19,6 +21,7 @@ def evaluate_stage(stage: str, cfg: EvalConfig, rt: Runtime) -> dict | None:
         return None
     model, tok, meta = load_stage_model(cfg.run, stage, rt)
     results: dict = {}
+    details: dict = {}
     if stage == "base":
         from nanochat.data.loader import DataLoader
         from nanochat.data.sources import resolve_source
@@ -38,6 +41,7 @@ def evaluate_stage(stage: str, cfg: EvalConfig, rt: Runtime) -> dict | None:
             core = evaluate_core(model, tok, bundle, rt, max_per_task=cfg.core_max_per_task or None)
             results["core"] = core["core"]
             results.update({f"core/{label}": r["centered"] for label, r in core["tasks"].items()})
+            details = core["tasks"]
         else:
             print0(f"CORE: skipped, no eval bundle in {bundle} (fetch it with `nanochat data core-bundle`, "
                    "or pass --core-bundle DIR)")
@@ -47,7 +51,8 @@ def evaluate_stage(stage: str, cfg: EvalConfig, rt: Runtime) -> dict | None:
         chat = evaluate_chat(model, tok, rt, tasks=cfg.chat_tasks, max_items=cfg.max_items or None)
         results["chatcore"] = chat["chatcore"]
         results.update({f"{name}": r["accuracy"] for name, r in chat["tasks"].items()})
-    return results
+        details = chat["tasks"]
+    return {**results, "details": details}
 
 
 def cli(argv: list[str]) -> int:
@@ -65,7 +70,7 @@ def cli(argv: list[str]) -> int:
                 tmp = out_dir / f"{stage}.json.tmp"
                 tmp.write_text(json.dumps(results, indent=2))
                 tmp.replace(out_dir / f"{stage}.json")
-            print0(f"{stage}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+            print0(f"{stage}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k != "details"))
     finally:
         teardown()
     return 0

@@ -296,7 +296,7 @@ def evaluate_tasks(tasks: Sequence[Task], tokenizer, scorer: Scorer, rt: Runtime
     for task, (correct, n) in zip(tasks, counts.tolist(), strict=True):
         accuracy = correct / max(n, 1)
         results[task.label] = {"accuracy": accuracy, "centered": (accuracy - task.baseline) / (1 - task.baseline),
-                               "n": int(n)}
+                               "n": int(n), "baseline": task.baseline}
     core = sum(r["centered"] for r in results.values()) / max(len(results), 1)
     return {"tasks": results, "core": core}
 

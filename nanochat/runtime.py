@@ -4,6 +4,7 @@ peak FLOP/s for MFU. Everything distributed goes through `torch.distributed`."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import shutil
@@ -65,7 +66,7 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    @property
+    @functools.cached_property  # read every training step; looked up once
     def peak_flops(self) -> float | None:
         """Peak bf16 FLOP/s of this process's GPU (None on CPU/MPS or an unknown GPU: no MFU then)."""
         return peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None

@@ -264,12 +264,12 @@ def train_chat(stage: str, cfg: ChatConfig, rt: Runtime) -> dict:
     try:
         while step < total_steps:
             lr_mult = apply_schedule(optimizer, step, total_steps, optim_cfg)
-            t0, positions = time.perf_counter(), batches.positions
+            t0, handed_out = time.perf_counter(), batches.positions
             loss, n_tokens = train_step(train_model, optimizer, batches, accum, rt)
             rt.sync()
             # Every position of every row goes through the model, an SFT row's padding too (this
             # rank's count × ranks: the other ranks' rows are as wide, up to their own padding).
-            positions = (batches.positions - positions) * rt.world_size
+            positions = (batches.positions - handed_out) * rt.world_size
             tok_per_s, mfu = step_rates(positions, time.perf_counter() - t0, flops_per_token, rt)
             if not math.isfinite(loss):
                 raise NanochatError(f"the {stage} loss became {loss} at step {step + 1}; lower --lr-scale")

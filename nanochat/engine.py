@@ -84,7 +84,7 @@ class Engine:
         return [self.output_start, *self.tok.encode_ordinary(result), self.output_end]
 
     # inference_mode, not no_grad: no autograd bookkeeping at all (not even version counters), which
-    # is a tenth of a small model's decode step on a CPU.
+    # is about a sixth of a small model's decode step on a CPU (benchmarks/README.md, Generation).
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_tokens: int = 256, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,

@@ -10,10 +10,10 @@ from nanochat.config import EvalConfig, home, parse_config, run_dir
 from nanochat.runtime import Runtime, init_runtime, print0, teardown
 
 
-def evaluate_stage(stage: str, cfg: EvalConfig, rt: Runtime) -> dict | None:
-    """{metric: value} for one stage of the run, plus "details": each task's counts and baseline
-    (chat tasks: accuracy, centered, correct, total, baseline; CORE tasks: accuracy, centered, n,
-    baseline), or None when the run has no such model."""
+def evaluate_stage(stage: str, cfg: EvalConfig, rt: Runtime) -> tuple[dict, dict] | None:
+    """({metric: value}, each task's counts and baseline) for one stage of the run (chat tasks:
+    accuracy, centered, correct, total, baseline; CORE tasks: accuracy, centered, n, baseline), or
+    None when the run has no such model."""
     from nanochat.checkpoint import latest_checkpoint
     from nanochat.train.chat import load_stage_model, stage_dir
 
@@ -52,7 +52,7 @@ def evaluate_stage(stage: str, cfg: EvalConfig, rt: Runtime) -> dict | None:
         results["chatcore"] = chat["chatcore"]
         results.update({f"{name}": r["accuracy"] for name, r in chat["tasks"].items()})
         details = chat["tasks"]
-    return {**results, "details": details}
+    return results, details
 
 
 def cli(argv: list[str]) -> int:
@@ -61,16 +61,17 @@ def cli(argv: list[str]) -> int:
     try:
         out_dir = run_dir(cfg.run) / "eval"
         for stage in cfg.stages:
-            results = evaluate_stage(stage, cfg, rt)
-            if results is None:
+            evaluated = evaluate_stage(stage, cfg, rt)
+            if evaluated is None:
                 print0(f"{stage}: the run has no {stage} model, skipped")
                 continue
+            results, details = evaluated
             if rt.master:
                 out_dir.mkdir(parents=True, exist_ok=True)
                 tmp = out_dir / f"{stage}.json.tmp"
-                tmp.write_text(json.dumps(results, indent=2))
+                tmp.write_text(json.dumps({**results, "details": details}, indent=2))
                 tmp.replace(out_dir / f"{stage}.json")
-            print0(f"{stage}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k != "details"))
+            print0(f"{stage}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
     finally:
         teardown()
     return 0

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from nanochat.config import PRESETS, TOKENIZER_PRESETS
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT
 
 VOCAB = {"tiny": TOKENIZER_PRESETS["tiny"].vocab_size, "d20": 65536}
 BF16_TIE = 0.125  # bf16's spacing for logits of 8 to 16 (the soft-cap is 15): closer than this is a tie
@@ -51,7 +51,7 @@ def random_model(name: str, context: int, device: torch.device) -> GPT:
     shape = dataclasses.replace(shape, sequence_len=max(shape.sequence_len, context))
     torch.manual_seed(0)
     with torch.device(device):
-        model = GPT(GPTConfig.from_model_config(shape, VOCAB[name]))
+        model = GPT(shape, VOCAB[name])
         for block in model.blocks:  # unit-scale updates from every block, not the identity
             for proj in (block.attn.c_proj, block.mlp.c_proj):
                 nn.init.normal_(proj.weight, std=proj.in_features ** -0.5)
@@ -110,7 +110,7 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
 
 def measure(model: GPT, batch: int, prompt_len: int, new: int, dtype: torch.dtype | None, device: torch.device
             ) -> dict:
-    prompt = torch.randint(model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(model.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
     prompt = prompt.to(device)
     decode_naive(model, prompt, decode_cached(model, prompt, 4, dtype)[0], dtype)  # warm-up: lazy inits, kernels
     tokens, cached_s, steps = decode_cached(model, prompt, new, dtype)

@@ -23,7 +23,7 @@ import torch
 from nanochat.config import PRESETS, TOKENIZER_PRESETS
 from nanochat.data.loader import DataLoader
 from nanochat.data.sources import resolve_source
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT
 from nanochat.optim import build_optimizer
 from nanochat.runtime import init_runtime
 from nanochat.tokenizer import Tokenizer
@@ -62,7 +62,7 @@ def main() -> None:
                      loader_rate(source, t, B, T, args.batches, 1)))
 
     rt = init_runtime(device="cpu", seed=0)
-    model = GPT(GPTConfig.from_model_config(cfg.model, tok.vocab_size))
+    model = GPT(cfg.model, tok.vocab_size)
     opt = build_optimizer(model, cfg.optim, cfg.total_batch_tokens)
     accum = grad_accum_steps(cfg.total_batch_tokens, B, T, 1)
     dl = DataLoader(source, tok, B, T, "train")

@@ -23,8 +23,8 @@ import time
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from nanochat.config import PRESETS, TOKENIZER_PRESETS
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.config import PRESETS, TOKENIZER_PRESETS, ModelConfig
+from nanochat.gpt import GPT
 from nanochat.runtime import init_runtime, peak_flops
 
 
@@ -41,18 +41,18 @@ def cpu_peak_flops() -> float | None:
     return torch.get_num_threads() * max(mhz, default=0) * 1e6 * per_cycle or None
 
 
-def measure(cfg: GPTConfig, batch: int, device: torch.device, dtype: torch.dtype | None, compile: bool,
-            math_attention: bool, steps: int, warmup: int) -> tuple[float, int, int]:
+def measure(shape: ModelConfig, vocab_size: int, batch: int, device: torch.device, dtype: torch.dtype | None,
+            compile: bool, math_attention: bool, steps: int, warmup: int) -> tuple[float, int, int]:
     """(tokens/s, batch, FLOPs per token) of forward + backward on one random batch; halves the batch on OOM."""
     torch.manual_seed(0)
-    model = GPT(cfg).to(device)
+    model = GPT(shape, vocab_size).to(device)
     step_fn = torch.compile(model) if compile else model
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     attention = sdpa_kernel(SDPBackend.MATH) if math_attention else contextlib.nullcontext()
-    T = cfg.sequence_len
+    T = shape.sequence_len
     while True:
-        x = torch.randint(cfg.vocab_size, (batch, T), device=device)
-        y = torch.randint(cfg.vocab_size, (batch, T), device=device)
+        x = torch.randint(vocab_size, (batch, T), device=device)
+        y = torch.randint(vocab_size, (batch, T), device=device)
         try:
             with attention:
                 for i in range(warmup + steps):
@@ -88,25 +88,24 @@ def main() -> None:
     rows = []  # (device, model, attention, dtype, compile, batch, T, tok/s, flops/token, peak)
     if args.device in ("auto", "cpu"):
         tiny = PRESETS["tiny"]
-        cfg = GPTConfig.from_model_config(tiny.model, vocab_size=TOKENIZER_PRESETS["tiny"].vocab_size)
+        vocab = TOKENIZER_PRESETS["tiny"].vocab_size
         peak = cpu_peak_flops()
         for math_attention in (False, True):
-            tps, batch, fpt = measure(cfg, tiny.micro_batch // 2, torch.device("cpu"), None, False, math_attention,
-                                      args.steps or 5, warmup=2)
+            tps, batch, fpt = measure(tiny.model, vocab, tiny.micro_batch // 2, torch.device("cpu"), None, False,
+                                      math_attention, args.steps or 5, warmup=2)
             rows.append(("cpu", "tiny", "math (peer)" if math_attention else "sdpa", "fp32", "no", batch,
-                         cfg.sequence_len, tps, fpt, peak))
+                         tiny.model.sequence_len, tps, fpt, peak))
     if args.device in ("auto", "cuda") and torch.cuda.is_available():
         rt = init_runtime("cuda")
         peak = peak_flops(torch.cuda.get_device_name(rt.device))
         torch.backends.cuda.matmul.allow_tf32 = True
         for name in ("d12", "d20"):
             preset = PRESETS[name]
-            cfg = GPTConfig.from_model_config(preset.model, vocab_size=65536)
             for math_attention in (False, True):
-                tps, batch, fpt = measure(cfg, preset.micro_batch, rt.device, torch.bfloat16, True, math_attention,
-                                          args.steps or 20, warmup=3)
+                tps, batch, fpt = measure(preset.model, 65536, preset.micro_batch, rt.device, torch.bfloat16, True,
+                                          math_attention, args.steps or 20, warmup=3)
                 rows.append(("cuda", name, "math (peer)" if math_attention else "sdpa", "bf16", "yes", batch,
-                             cfg.sequence_len, tps, fpt, peak))
+                             preset.model.sequence_len, tps, fpt, peak))
                 torch._dynamo.reset()
                 torch.cuda.empty_cache()
 

@@ -5,6 +5,11 @@ The model remembers nothing between calls, so every turn sends it the whole conv
 that no longer fits its context with room for a reply, the oldest exchanges are dropped (and the
 user is told). Lines starting with `/` are commands (`/help`). With `-p PROMPT` it answers one
 message and exits, printing nothing but the reply on stdout, for scripts and pipes.
+
+The options are config.ChatCliConfig; each reply is sampled with one engine `Sampling` built from
+them. The conversation is kept as chat-format messages (nanochat.chat_format): a reply's tokens
+become an assistant message with its calculator calls as tool parts, rendered back into the next
+prompt exactly as the model was trained to read them.
 """
 
 from __future__ import annotations
@@ -12,13 +17,10 @@ from __future__ import annotations
 import math
 import secrets
 import sys
-from dataclasses import dataclass, field
-from typing import Annotated
 
-import tyro
-
-from nanochat.config import ConfigError, check_positive, parse_config
-from nanochat.engine import Engine, ModelSource, load_engine
+from nanochat.chat_format import render_for_completion, reply_parts
+from nanochat.config import ChatCliConfig, parse_config, valid_temperature
+from nanochat.engine import Engine, Sampling, load_engine
 from nanochat.errors import NanochatError
 from nanochat.runtime import init_runtime
 
@@ -27,34 +29,6 @@ HELP = """commands:
   /temp X    set the sampling temperature (0 = always the likeliest token); /temp alone shows it
   /help      this list
   /quit      leave (also Ctrl-D, or Ctrl-C at the prompt; Ctrl-C during a reply stops it)"""
-
-
-@dataclass
-class ChatCliConfig:
-    source: Annotated[ModelSource, tyro.conf.OmitArgPrefixes] = field(default_factory=ModelSource)
-    prompt: Annotated[str, tyro.conf.arg(aliases=("-p",))] = ""
-    """Answer this one message, print the reply and exit (`-` reads the message from stdin)."""
-    system: str = ""
-    """A system message to start every conversation with (merged into the first user turn)."""
-    temperature: float = 0.6
-    """Sampling temperature; 0 always takes the likeliest token. /temp changes it in the chat."""
-    top_k: int = 50
-    """Sample only among the k likeliest tokens (0: all of them)."""
-    max_tokens: int = 512
-    """Most tokens in one reply (and never more than the model's context leaves)."""
-    seed: int | None = None
-    """Make replies repeatable: reply n of the session is sampled with seed + n (None: a fresh
-    random seed for every reply)."""
-
-    def __post_init__(self) -> None:
-        check_positive(self, "max_tokens")
-        check_positive(self, "top_k", allow_zero=True)
-        if not _valid_temperature(self.temperature):
-            raise ConfigError(f"--temperature must be a number ≥ 0 (got {self.temperature})")
-
-
-def _valid_temperature(value: float) -> bool:
-    return math.isfinite(value) and value >= 0
 
 
 def _notice(text: str) -> None:
@@ -85,9 +59,9 @@ class Chat:
         """The prompt for answering `user` and the reply's token budget (--max-tokens, or what is
         left of the context). Drops the fewest oldest exchanges that leave room for a reply; when
         the message does not fit even alone, nothing is dropped and the turn is refused."""
-        render = self.engine.tok.render_for_completion
+        tok = self.engine.tok
         for start in range(len(self.exchanges) + 1):
-            prompt = render(self._messages(user, self.exchanges[start:]))
+            prompt = render_for_completion(tok, self._messages(user, self.exchanges[start:]))
             if len(prompt) + self.reserve <= self.context:
                 break
         budget = min(self.cfg.max_tokens, self.context - len(prompt))
@@ -108,15 +82,16 @@ class Chat:
         """Stream the model's answer to `user` to stdout; the exchange joins the conversation once
         the reply is complete (an interrupted one is forgotten)."""
         prompt, budget = self._prompt(user)
-        stream = self.engine.stream_text(prompt, max_tokens=budget, temperature=self.temperature,
-                                         top_k=self.cfg.top_k or None, seed=self._seed())
+        sampling = Sampling(max_tokens=budget, temperature=self.temperature, top_k=self.cfg.top_k or None,
+                            seed=self._seed())
+        stream = self.engine.stream_text(prompt, sampling)
         for piece in stream:
             print(piece, end="", flush=True)
         print(flush=True)
         if stream.finish_reason == "length":
             why = "--max-tokens" if budget == self.cfg.max_tokens else "the model's context is full"
             _notice(f"(reply cut off at {budget} tokens: {why})")
-        self.exchanges.append((user, reply_parts(self.engine, stream.tokens)))
+        self.exchanges.append((user, reply_parts(self.engine.tok, stream.tokens)))
 
     def command(self, line: str) -> bool:
         """Run a slash command; False means leave."""
@@ -142,38 +117,12 @@ class Chat:
             value = float(arg)
         except ValueError:
             value = math.nan
-        if not _valid_temperature(value):
+        if not valid_temperature(value):
             _notice(f"/temp needs a number ≥ 0, e.g. /temp 0.8 (got {arg!r}); the temperature stays "
                     f"{self.temperature:g}")
             return
         self.temperature = value
         print(f"(temperature {value:g})")
-
-
-def reply_parts(engine: Engine, tokens: list[int]) -> list[dict]:
-    """The assistant message that a reply's tokens make. Calculator calls and their results become
-    `python` / `python_output` parts, so that the next prompt shows the model its own tool use in
-    the chat format it was trained on, not the `expr = result` text the user saw."""
-    opens = {engine.python_start: "python", engine.output_start: "python_output"}
-    closes = {engine.python_end, engine.output_end}
-    specials = set(engine.tok.special_tokens.values())
-    parts: list[dict] = []
-    kind, run = "text", []
-
-    def close_run() -> None:
-        if run:
-            parts.append({"type": kind, "text": engine.tok.decode(run)})
-
-    for token in tokens:
-        if token in engine.stop:
-            break
-        if token in opens or token in closes:
-            close_run()
-            kind, run = opens.get(token, "text"), []
-        elif token not in specials:
-            run.append(token)
-    close_run()
-    return parts
 
 
 def interactive(chat: Chat, name: str) -> int:
@@ -207,7 +156,7 @@ def interactive(chat: Chat, name: str) -> int:
 def cli(argv: list[str]) -> int:
     cfg = parse_config(ChatCliConfig, argv, prog="nanochat chat",
                        description="Talk to a trained model in the terminal, or answer one prompt with -p.")
-    engine, name = load_engine(cfg.source, init_runtime(cfg.source.device, cfg.source.dtype))
+    engine, name = load_engine(cfg.source, init_runtime(cfg.source.runtime.device, cfg.source.runtime.dtype))
     chat = Chat(engine, cfg)
     if not cfg.prompt:
         return interactive(chat, name)

@@ -1,4 +1,10 @@
-"""Typed configuration: one dataclass per stage, presets by name, command-line overrides.
+"""Typed configuration: one dataclass per command, presets by name, command-line overrides.
+
+The rule: every command's options are a dataclass here (so `nanochat <command> --help` and this
+file tell the same story), built from shared groups — `ModelConfig` (the model's shape: the one
+config the GPT is built from), `OptimConfig`, `DeviceConfig` (`--device`, `--dtype`) and
+`ModelSource` (which trained model to load). Commands import their config; this module imports
+nothing of nanochat but its errors.
 
 Every field of a stage's config can be overridden on the command line. Model fields are
 top-level flags (`--depth 12`); other nested groups keep their prefix (`--optim.matrix-lr 0.01`).
@@ -10,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,13 +71,32 @@ def run_dir(run: str) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
+# Where a command runs (one group, shared by every command that runs a model)
+
+
+@dataclass
+class DeviceConfig:
+    """`--device` and `--dtype`, the same two flags on every command that runs a model."""
+
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    """`auto`: CUDA when present, else MPS, else the CPU."""
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """`auto`: bfloat16 autocast on CUDA GPUs that support it, float32 elsewhere."""
+
+
+Device = Annotated[DeviceConfig, tyro.conf.OmitArgPrefixes]
+
+
+# --------------------------------------------------------------------------------------------
 # Model and training
 
 
 @dataclass
 class ModelConfig:
-    """Transformer shape. Width follows depth: n_embd = depth * aspect_ratio, rounded up to a
-    whole number of heads, so one number (`--depth`) picks a model from the d12/d20/d26 family."""
+    """The transformer's shape, the one config `GPT(config, vocab_size)` is built from (the
+    vocabulary comes from the tokenizer). Width follows depth: n_embd = depth * aspect_ratio,
+    rounded up to a whole number of heads, so one number (`--depth`) picks a model from the
+    d12/d20/d26 family."""
 
     depth: int = 20
     aspect_ratio: int = 64
@@ -88,6 +114,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_positive(self, "depth", "aspect_ratio", "head_dim", "sequence_len", "rope_theta")
         check_positive(self, "n_kv_head", "logit_softcap", allow_zero=True)
+        if self.head_dim % 2:
+            raise ConfigError(f"--head-dim must be even: rotary embeddings turn pairs of channels "
+                              f"(got {self.head_dim})")
         if self.n_kv_head and self.n_head % self.n_kv_head:
             raise ConfigError(f"--n-kv-head ({self.n_kv_head}) must divide the {self.n_head} query heads")
 
@@ -98,6 +127,19 @@ class ModelConfig:
     @property
     def n_embd(self) -> int:
         return self.n_head * self.head_dim
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads actually used (n_kv_head, or one per query head)."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        """ReLU²: 4·n_embd (two matrices, 8·n_embd² parameters). SwiGLU has three matrices, so its
+        hidden size is 8/3·n_embd, rounded up to a multiple of 64, for about the same parameters."""
+        if self.mlp == "relu2":
+            return 4 * self.n_embd
+        return -(-8 * self.n_embd // (3 * 64)) * 64
 
 
 @dataclass
@@ -164,8 +206,7 @@ class TrainConfig:
     """Continue from the run's latest checkpoint."""
     keep_last: int = 2
     seed: int = 42
-    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
-    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    runtime: Device = field(default_factory=DeviceConfig)
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -221,8 +262,7 @@ class ChatConfig:
     save_every: int = 0
     keep_last: int = 1
     seed: int = 42
-    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
-    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    runtime: Device = field(default_factory=DeviceConfig)
     compile: bool = False
     resume: bool = False
 
@@ -260,7 +300,7 @@ class VerifyModelConfig:
     """AdamW learning rate (one for all parameters)."""
     target_loss: float = 0.01
     seed: int = 0
-    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    runtime: Device = field(default_factory=DeviceConfig)
 
     def __post_init__(self) -> None:
         check_positive(self, "vocab_size", "batch_size", "steps", "lr", "target_loss")
@@ -410,9 +450,116 @@ class EvalConfig:
     """Items per CORE task (0: all)."""
     bpb_tokens: int = 262144
     """Validation tokens for the base model's bits per byte."""
-    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
-    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    runtime: Device = field(default_factory=DeviceConfig)
 
     def __post_init__(self) -> None:
         check_positive(self, "max_items", "core_max_per_task", allow_zero=True)
         check_positive(self, "bpb_tokens")
+
+
+# --------------------------------------------------------------------------------------------
+# Talking to a trained model
+
+
+@dataclass
+class ModelSource:
+    """Which trained model a command loads (`nanochat chat`, `nanochat serve`)."""
+
+    run: str = "tiny"
+    """Run whose model to load (NANOCHAT_HOME/runs/<run>)."""
+    stage: Literal["auto", "sft", "mid", "base"] = "auto"
+    """Which of the run's models; `auto` takes the most finished one (sft, else mid, else base)."""
+    checkpoint: str = ""
+    """A checkpoint directory to load instead (overrides --run and --stage)."""
+    runtime: Device = field(default_factory=DeviceConfig)
+
+
+def valid_temperature(value: float) -> bool:
+    return math.isfinite(value) and value >= 0
+
+
+@dataclass
+class ChatCliConfig:
+    """`nanochat chat`."""
+
+    source: Annotated[ModelSource, tyro.conf.OmitArgPrefixes] = field(default_factory=ModelSource)
+    prompt: Annotated[str, tyro.conf.arg(aliases=("-p",))] = ""
+    """Answer this one message, print the reply and exit (`-` reads the message from stdin)."""
+    system: str = ""
+    """A system message to start every conversation with (merged into the first user turn)."""
+    temperature: float = 0.6
+    """Sampling temperature; 0 always takes the likeliest token. /temp changes it in the chat."""
+    top_k: int = 50
+    """Sample only among the k likeliest tokens (0: all of them)."""
+    max_tokens: int = 512
+    """Most tokens in one reply (and never more than the model's context leaves)."""
+    seed: int | None = None
+    """Make replies repeatable: reply n of the session is sampled with seed + n (None: a fresh
+    random seed for every reply)."""
+
+    def __post_init__(self) -> None:
+        check_positive(self, "max_tokens")
+        check_positive(self, "top_k", allow_zero=True)
+        if not valid_temperature(self.temperature):
+            raise ConfigError(f"--temperature must be a number ≥ 0 (got {self.temperature})")
+
+
+@dataclass
+class ServeConfig:
+    """`nanochat serve`."""
+
+    source: Annotated[ModelSource, tyro.conf.OmitArgPrefixes] = field(default_factory=ModelSource)
+    host: str = "127.0.0.1"
+    """Address to listen on; 0.0.0.0 lets other machines in (set an --api-key then)."""
+    port: int = 8000
+    workers: int = 1
+    """Generation threads sharing the model on CPU or MPS (on CUDA: one per GPU, each with its own copy)."""
+    max_batch: int = 8
+    """Replies a worker writes at once, in one batched generation (requests waiting together share it)."""
+    max_queue: int = 64
+    """Requests that may wait for a free worker; more get 503 (overloaded)."""
+    api_key: str = ""
+    """Require `Authorization: Bearer <key>` on /v1/* (else $NANOCHAT_API_KEY; neither: open)."""
+
+    def __post_init__(self) -> None:
+        check_positive(self, "workers", "max_batch")
+        check_positive(self, "max_queue", "port", allow_zero=True)
+        if self.port > 65535:
+            raise ConfigError(f"--port must be at most 65535 (got {self.port})")
+
+
+# --------------------------------------------------------------------------------------------
+# The whole pipeline, its report, the environment
+
+
+@dataclass
+class SpeedrunConfig:
+    """`nanochat speedrun`."""
+
+    preset: Literal["auto", "tiny", "d12", "d20", "d26"] = "auto"
+    """`auto`: d20 when CUDA GPUs are present, else tiny."""
+    run: str = ""
+    """Run name (default: the preset's)."""
+    data: str = ""
+    """`offline`, `fineweb`, or a folder of text files (default: the preset's)."""
+    shards: int = 240
+    """FineWeb-Edu shards to download when the data is `fineweb` (d20 needs about 240)."""
+    nproc: int = 0
+    """Processes per node for the training stages; 0 = one per CUDA GPU (1 on CPU)."""
+
+
+@dataclass
+class ReportConfig:
+    """`nanochat report`."""
+
+    run: str = "default"
+    gpu_hour_usd: float = 2.5
+    """Price of one GPU-hour, for the cost estimate (CPU runs are not priced)."""
+
+
+@dataclass
+class InfoConfig:
+    """`nanochat info`."""
+
+    json: bool = False
+    """Print machine-readable JSON instead of a table."""

@@ -24,6 +24,12 @@ def progress(iterable: Iterable[T] | None = None, total: float | None = None, de
                 dynamic_ncols=True, **kwargs)
 
 
+def write0(text: str) -> None:
+    """Print a line on rank 0 without tearing an open progress bar."""
+    if is_master():
+        tqdm.write(text)
+
+
 def _jsonable(value):
     """Plain JSON for a metric value: tensors and numpy scalars become numbers, NaN/inf become None
     (JSON has no NaN, and a NaN loss must not make the whole file unreadable)."""

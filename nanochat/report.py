@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -18,22 +17,16 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from nanochat.checkpoint import latest_checkpoint, read_meta  # noqa: E402
-from nanochat.config import parse_config, run_dir  # noqa: E402
+from nanochat.checkpoint import read_meta  # noqa: E402
+from nanochat.config import ReportConfig, parse_config, run_dir  # noqa: E402
 from nanochat.errors import NanochatError  # noqa: E402
 from nanochat.metrics import read_metrics  # noqa: E402
+from nanochat.runs import STAGE_NAMES, build_model, latest, stage_name  # noqa: E402
+from nanochat.runtime import describe  # noqa: E402
 
-STAGES = (("pretrain", "base", ""), ("mid", "mid", "mid"), ("sft", "sft", "sft"))  # log name, label, subdir
 # `nanochat eval` metrics with a headline title; per-task scores keep their task name
 EVAL_TITLES = {"val_bpb": "validation bpb (`nanochat eval`)", "core": "CORE (centered)",
                "chatcore": "ChatCORE (centered)"}
-
-
-@dataclass
-class ReportConfig:
-    run: str = "default"
-    gpu_hour_usd: float = 2.5
-    """Price of one GPU-hour, for the cost estimate (CPU runs are not priced)."""
 
 
 def _fmt(value, spec: str = ".4f") -> str:
@@ -70,9 +63,7 @@ def build_report(run: str, gpu_hour_usd: float = 2.5) -> Path:
         raise NanochatError(f"run '{run}' has no metrics in {folder}; train it first (`nanochat speedrun` or "
                             "`nanochat pretrain`)")
     records = list(read_metrics(metrics_path))
-    by_stage = {name: [r for r in records if r.get("stage") == name] for name, _, _ in STAGES}
-    from nanochat.runtime import describe
-
+    by_stage = {name: [r for r in records if stage_name(r.get("stage")) == name] for name in STAGE_NAMES}
     env = describe()
     lines = [f"# nanochat report: run `{run}`", "",
              f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from `{folder}`.", "", "## Environment", "",
@@ -83,56 +74,56 @@ def build_report(run: str, gpu_hour_usd: float = 2.5) -> Path:
               "| stage | steps | parameters | data seen | wall-clock | mean tok/s | mean MFU "
               "| final loss | validation |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     tokenizer_meta = None
-    for name, label, sub in STAGES:
+    for name in STAGE_NAMES:
         steps = [r for r in by_stage[name] if "loss" in r]
-        ckpt = latest_checkpoint(folder / sub if sub else folder)
+        ckpt = latest(run, name)
         meta = read_meta(ckpt, verify=False) if ckpt else {}
         tokenizer_meta = tokenizer_meta or meta.get("tokenizer")
         if not steps:
-            lines.append(f"| {label} | — | — | — | — | — | — | — | not run |")
+            lines.append(f"| {name} | — | — | — | — | — | — | — | not run |")
             continue
         params = _num_params(meta)
         tok_s = [r["tok_per_s"] for r in steps if r.get("tok_per_s")]
         mfus = [r["mfu"] for r in steps if r.get("mfu") is not None]
         config = meta.get("config", {})
         positions = sum(r.get("tokens", 0) for r in steps)  # the chat stages log what each step processed
-        volume = (f"{config['total_batch_tokens'] * len(steps):,} tokens" if name == "pretrain" and config
+        volume = (f"{config['total_batch_tokens'] * len(steps):,} tokens" if name == "base" and config
                   else f"{config.get('batch_size', 0) * len(steps):,} sequences" if config else "—")
-        if positions and name != "pretrain":
+        if positions and name != "base":
             volume += f" ({positions:,} tokens)"
         val = [r for r in by_stage[name] if "val_bpb" in r or "val_loss" in r]
         val_text = (f"bpb {val[-1]['val_bpb']:.4f}" if val and "val_bpb" in val[-1]
                     else f"loss {val[-1]['val_loss']:.4f}" if val else "—")
         mean_tok_s = _fmt(sum(tok_s) / len(tok_s) if tok_s else None, ",.0f")
         mean_mfu = _fmt(sum(mfus) / len(mfus) if mfus else None, ".1%")
-        lines.append(f"| {label} | {len(steps)} | {_fmt(params, ',') if params else '—'} | {volume} | "
+        lines.append(f"| {name} | {len(steps)} | {_fmt(params, ',') if params else '—'} | {volume} | "
                      f"{steps[-1].get('elapsed', 0):.0f} s | {mean_tok_s} | {mean_mfu} | {steps[-1]['loss']:.4f} "
                      f"| {val_text} |")
-    if not any(r.get("mfu") is not None for name, _, _ in STAGES for r in by_stage[name]):
+    if not any(r.get("mfu") is not None for name in STAGE_NAMES for r in by_stage[name]):
         lines += ["", "MFU is shown where the device's peak FLOP/s is known (the GPUs in "
                       "`nanochat.runtime.PEAK_BF16_FLOPS`); this run's device is not one of them."]
     lines += _tokenizer_section(folder / "tokenizer.json", tokenizer_meta)
 
     lines += ["", "## Curves", ""]
-    pre = [r for r in by_stage["pretrain"] if "loss" in r]
+    pre = [r for r in by_stage["base"] if "loss" in r]
     if pre:
         _plot(folder / "pretrain_loss.png", "pretraining loss", [("train loss", [r["step"] for r in pre],
                                                                  [r["loss"] for r in pre])], "loss (nats/token)")
         lines.append("![pretraining loss](pretrain_loss.png)")
-    bpb = [r for r in by_stage["pretrain"] if "val_bpb" in r]
+    bpb = [r for r in by_stage["base"] if "val_bpb" in r]
     if bpb:
         _plot(folder / "val_bpb.png", "validation bits per byte", [("val bpb", [r["step"] for r in bpb],
                                                                     [r["val_bpb"] for r in bpb])], "bits per byte")
         lines.append("![validation bpb](val_bpb.png)")
-    chat_series = [(label, [r["step"] for r in rs], [r["loss"] for r in rs]) for name, label, _ in STAGES[1:]
+    chat_series = [(name, [r["step"] for r in rs], [r["loss"] for r in rs]) for name in STAGE_NAMES[1:]
                    if (rs := [r for r in by_stage[name] if "loss" in r])]
     if chat_series:
         _plot(folder / "chat_loss.png", "chat stages: loss on assistant tokens", chat_series, "loss (nats/token)")
         lines.append("![chat loss](chat_loss.png)")
 
     lines += ["", "## Evaluation", "", "| metric | BASE | MID | SFT |", "|---|---:|---:|---:|"]
-    results = {label: _final(by_stage[name]) for name, label, _ in STAGES}
-    evals = {label: _eval_file(folder / "eval" / f"{label}.json") for _, label, _ in STAGES}
+    results = {name: _final(by_stage[name]) for name in STAGE_NAMES}
+    evals = {name: _eval_file(folder / "eval" / f"{name}.json") for name in STAGE_NAMES}
     rows = [("validation bpb, last of pretraining", lambda lab: results[lab].get("val_bpb") if lab == "base" else None),
             ("held-out answers, bits per byte", lambda lab: results["mid"].get("answer_bpb_base") if lab == "base"
              else results[lab].get("answer_bpb")),
@@ -140,7 +131,7 @@ def build_report(run: str, gpu_hour_usd: float = 2.5) -> Path:
     for key in sorted({k for e in evals.values() for k in e}, key=lambda k: (k not in EVAL_TITLES, k)):
         rows.append((EVAL_TITLES.get(key, key), lambda lab, key=key: evals[lab].get(key)))
     for title, get in rows:
-        lines.append(f"| {title} | " + " | ".join(_fmt(get(lab), ".4f") for _, lab, _ in STAGES) + " |")
+        lines.append(f"| {title} | " + " | ".join(_fmt(get(lab), ".4f") for lab in STAGE_NAMES) + " |")
 
     samples = next((r["samples"] for r in reversed(by_stage["sft"]) if r.get("samples")), None)
     if samples:
@@ -210,15 +201,7 @@ def _eval_file(path: Path) -> dict:
 def _num_params(meta: dict) -> int | None:
     if "config" not in meta or "tokenizer" not in meta:
         return None
-    import torch
-
-    from nanochat.config import ModelConfig
-    from nanochat.gpt import GPT, GPTConfig
-
-    with torch.device("meta"):
-        shape = ModelConfig(**meta["config"]["model"])
-        model = GPT(GPTConfig.from_model_config(shape, meta["tokenizer"]["vocab_size"]))
-    return model.num_params()
+    return build_model(meta).num_params()
 
 
 def cli(argv: list[str]) -> int:

@@ -1,11 +1,14 @@
-"""Where the code runs: device and dtype, torchrun process groups, seeding, rank-0 printing, and
-peak FLOP/s for MFU. Everything distributed goes through `torch.distributed`."""
+"""Where the code runs: device and dtype, torchrun process groups, seeding, rank-0 printing, peak
+FLOP/s for MFU, and `nanochat info`, which shows all of it. Everything distributed goes through
+`torch.distributed`."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
+import platform
 import random
 import shutil
 from dataclasses import dataclass
@@ -14,6 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from nanochat import __version__
+from nanochat.config import InfoConfig, home, parse_config
 from nanochat.errors import NanochatError
 
 # Peak dense bf16 tensor-core FLOP/s (no sparsity), from the vendors' data sheets. Matched against
@@ -153,9 +158,6 @@ def print0(*args, **kwargs) -> None:
 
 def describe() -> dict:
     """What `nanochat info` shows: versions, devices, torchrun and NANOCHAT_HOME."""
-    from nanochat import __version__
-    from nanochat.config import home
-
     devices = []
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -194,6 +196,25 @@ def _cpu_name() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
-
     return platform.processor() or platform.machine()
+
+
+def info_cli(argv: list[str]) -> int:
+    """`nanochat info`."""
+    cfg = parse_config(InfoConfig, argv, prog="nanochat info", description="Show the environment nanochat runs in.")
+    info = describe()
+    if cfg.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    rows = [("nanochat", info["nanochat"]), ("torch", f"{info['torch']} (CUDA {info['cuda'] or 'none'})"),
+            ("numpy", info["numpy"]), ("default device", info["default_device"])]
+    for d in info["devices"]:
+        extra = ", ".join(f"{k} {v}" for k, v in d.items() if k not in ("type", "name") and v is not None)
+        rows.append((f"device {d['type']}", d["name"] + (f" ({extra})" if extra else "")))
+    tr = info["torchrun"]
+    rows.append(("torchrun", "no" if tr is None else f"rank {tr['rank']} of {tr['world_size']}, "
+                                                      f"local rank {tr['local_rank']}"))
+    rows.append(("NANOCHAT_HOME", f"{info['home']} ({info['home_free_gib']} GiB free)"))
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    return 0

@@ -13,36 +13,22 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-from nanochat.checkpoint import latest_checkpoint, read_meta
-from nanochat.config import PRESETS, home, parse_config, run_dir, tokenizer_dir
+from nanochat import cli as nanochat_cli
+from nanochat.checkpoint import read_meta
+from nanochat.config import PRESETS, SpeedrunConfig, home, parse_config, run_dir, tokenizer_dir
+from nanochat.data.offline import build_offline_corpus
+from nanochat.data.sources import resolve_source
+from nanochat.runs import STAGES, is_finished, latest
 from nanochat.runtime import torchrun_env
-
-
-@dataclass
-class SpeedrunConfig:
-    preset: Literal["auto", "tiny", "d12", "d20", "d26"] = "auto"
-    """`auto`: d20 when CUDA GPUs are present, else tiny."""
-    run: str = ""
-    """Run name (default: the preset's)."""
-    data: str = ""
-    """`offline`, `fineweb`, or a folder of text files (default: the preset's)."""
-    shards: int = 240
-    """FineWeb-Edu shards to download when the data is `fineweb` (d20 needs about 240)."""
-    nproc: int = 0
-    """Processes per node for the training stages; 0 = one per CUDA GPU (1 on CPU)."""
 
 
 def _run_stage(argv: list[str], nproc: int) -> None:
     """Run a `nanochat` command in this process, or under torchrun when several processes are wanted."""
     if nproc <= 1 or torchrun_env() is not None:
-        from nanochat.cli import main
-
-        code = main(argv)
+        code = nanochat_cli.main(argv)
         if code:
             raise SystemExit(code)
         return
@@ -98,15 +84,11 @@ def cli(argv: list[str]) -> int:
 
     def get_data() -> None:
         if data == "offline":
-            from nanochat.data.offline import build_offline_corpus
-
             print(build_offline_corpus())
         elif data == "fineweb":  # online: the shards, and the CORE bundle for the base model's evaluation
             _run_stage(["data", "download", "-n", str(cfg.shards)], 1)
             _run_stage(["data", "core-bundle"], 1)
         else:
-            from nanochat.data.sources import resolve_source
-
             resolve_source(data)  # validates the folder's layout up front
 
     stage("data", None, get_data)
@@ -117,20 +99,12 @@ def cli(argv: list[str]) -> int:
     stage("tokenizer eval", None, lambda: _run_stage(
         ["tokenizer", "eval", "--name", tok_name, *tok_inputs, "--out", str(run_dir(run) / "tokenizer.json")], 1))
 
-    last = latest_checkpoint(run_dir(run))
-    finished = last is not None and read_meta(last, verify=False).get("final")
-    pretrain_argv = ["--preset", preset, "--run", run, "--data", data]
-    if last is not None and not finished:
-        pretrain_argv.append("--resume")
-    stage("pretrain", f"run '{run}' already finished ({last})" if finished else None,
-          lambda: _run_stage(["pretrain", *pretrain_argv], nproc))
-
-    for name, sub in (("midtrain", "mid"), ("sft", "sft")):
-        last = latest_checkpoint(run_dir(run) / sub)
-        finished = last is not None and read_meta(last, verify=False).get("final")
-        chat_argv = [name, "--preset", preset, "--run", run] + (["--resume"] if last and not finished else [])
-        stage(name, f"{name} of run '{run}' already finished ({last})" if finished else None,
-              lambda argv=chat_argv: _run_stage(argv, nproc))
+    for s in STAGES:  # the training stages, in order: each is skipped when done, resumed when interrupted
+        last, finished = latest(run, s.name), is_finished(run, s.name)
+        argv = [s.command, "--preset", preset, "--run", run] + (["--data", data] if s.name == "base" else [])
+        argv += ["--resume"] if last and not finished else []
+        stage(s.command, f"{s.name} of run '{run}' already finished ({last})" if finished else None,
+              lambda argv=argv: _run_stage(argv, nproc))
 
     stage("eval", None, lambda: _run_stage(["eval", "--run", run], nproc))
     _write_summary(run, preset, data, timings)  # the report reads the timings
@@ -142,11 +116,11 @@ def cli(argv: list[str]) -> int:
         print(f"| {name} | {status} | {seconds:.1f} |")
     print(f"| total | | {total:.1f} |")
     _write_summary(run, preset, data, timings)
-    last = latest_checkpoint(run_dir(run))
+    last = latest(run, "base")
     if last is not None:
         bpb = read_meta(last, verify=False).get("val_bpb")
         print(f"\nbase model: {last} (validation bits per byte {bpb:.4f})" if bpb else f"\nbase model: {last}")
-    sft = latest_checkpoint(run_dir(run) / "sft")
+    sft = latest(run, "sft")
     if sft is not None:
         print(f"chat model: {sft}\ntalk to it: `nanochat chat --run {run}` in the terminal, or "
               f"`nanochat serve --run {run}` for the web UI and the OpenAI-compatible API")

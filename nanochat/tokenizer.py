@@ -2,7 +2,9 @@
 
 `nanochat._bpe` (rust/src) does the hot loops: pre-tokenization, BPE encoding (batches on
 several threads without the GIL) and training. This module owns the API: special tokens and
-tiktoken's allowed/disallowed rules, files, the chat format, and the `nanochat tokenizer` CLI.
+tiktoken's allowed/disallowed rules, and files. It is a low layer that imports no other part of
+nanochat's pipeline: the chat format built on the special tokens is in nanochat.chat_format, the
+`nanochat tokenizer train|eval` command line in nanochat.train.tokenizer.
 
 On disk a tokenizer is a directory with `tokenizer.tiktoken` (tiktoken's rank file: base64 of
 the token bytes, a space, the rank, one token per line) and `tokenizer.json` (name, split
@@ -27,7 +29,7 @@ from typing import Literal
 from nanochat import _bpe
 from nanochat.errors import NanochatError
 
-# The chat format (DESIGN.md). Appended after the trained ranks, in this order.
+# The chat format's tokens (DESIGN.md, nanochat/chat_format.py). Appended after the trained ranks, in this order.
 SPECIAL_TOKENS = (
     "<|bos|>",
     "<|user_start|>",
@@ -337,102 +339,6 @@ class Tokenizer:
         """The text of `ids`; bytes that are not valid UTF-8 become U+FFFD."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
-    # ---------------------------------------------------------------------------------------
-    # Chat format
-
-    def render_conversation(self, messages: Sequence[dict], max_tokens: int | None = None
-                            ) -> tuple[list[int], list[int]]:
-        """Token ids of a conversation and a loss mask: 1 on exactly the tokens the assistant
-        writes (its text, python tool calls with their start/end tokens, and
-        <|assistant_end|>), 0 on everything else, including <|assistant_start|> and tool
-        outputs (<|output_start|> ... <|output_end|>), which are forced, not learned.
-
-        messages: [{"role": "system"|"user"|"assistant", "content": str | [parts]}], where an
-        assistant's parts are {"type": "text"|"python"|"python_output", "text": str}. A system
-        message may only come first; it is merged into the first user message (separated by a
-        blank line), as the format has no system tokens. After it, user and assistant alternate,
-        starting with the user. Message text is always ordinary text: a special-token string
-        typed by a user cannot inject that token. max_tokens truncates both lists.
-        """
-        ids, mask = [self.special_id("<|bos|>")], [0]
-
-        def add(token_ids: list[int], learned: bool) -> None:
-            ids.extend(token_ids)
-            mask.extend([int(learned)] * len(token_ids))
-
-        def special(token: str, learned: bool) -> None:
-            add([self.special_id(token)], learned)
-
-        for role, content in _chat_turns(messages):
-            if role == "user":
-                if not isinstance(content, str):
-                    raise TokenizerError("a user message's content must be a string")
-                special("<|user_start|>", False)
-                add(self.encode_ordinary(content), False)
-                special("<|user_end|>", False)
-                continue
-            special("<|assistant_start|>", False)
-            for kind, text in _assistant_parts(content):
-                if kind == "text":
-                    add(self.encode_ordinary(text), True)
-                elif kind == "python":
-                    special("<|python_start|>", True)
-                    add(self.encode_ordinary(text), True)
-                    special("<|python_end|>", True)
-                else:
-                    special("<|output_start|>", False)
-                    add(self.encode_ordinary(text), False)
-                    special("<|output_end|>", False)
-            special("<|assistant_end|>", True)
-        if max_tokens is not None:
-            ids, mask = ids[:max_tokens], mask[:max_tokens]
-        return ids, mask
-
-    def render_for_completion(self, messages: Sequence[dict]) -> list[int]:
-        """The prompt for generating the assistant's reply: the conversation, which must end
-        with a user message, followed by <|assistant_start|>."""
-        if not messages or messages[-1].get("role") != "user":
-            raise TokenizerError("render_for_completion needs a conversation whose last message is from the user")
-        ids, _ = self.render_conversation(messages)
-        return ids + [self.special_id("<|assistant_start|>")]
-
-
-def _chat_turns(messages: Sequence[dict]) -> list[tuple[str, object]]:
-    """Validate roles and fold a leading system message into the first user message."""
-    turns = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise TokenizerError(f"message {i} must be a dict with 'role' and 'content'")
-        turns.append((m["role"], m["content"]))
-    if turns and turns[0][0] == "system":
-        system = turns.pop(0)[1]
-        if not isinstance(system, str):
-            raise TokenizerError("a system message's content must be a string")
-        if not turns or turns[0][0] != "user" or not isinstance(turns[0][1], str):
-            raise TokenizerError("a system message must be followed by a user message")
-        turns[0] = ("user", f"{system}\n\n{turns[0][1]}")
-    for i, (role, _) in enumerate(turns):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if role != expected:
-            raise TokenizerError(f"message roles must alternate user, assistant, ... (after an optional "
-                                 f"leading system message); turn {i} is {role!r}, expected {expected!r}")
-    return turns
-
-
-def _assistant_parts(content) -> list[tuple[str, str]]:
-    if isinstance(content, str):
-        return [("text", content)]
-    if not isinstance(content, list):
-        raise TokenizerError("an assistant message's content must be a string or a list of parts")
-    parts = []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in ("text", "python", "python_output") or not isinstance(part.get("text"), str):
-            raise TokenizerError(f"assistant parts must be {{'type': 'text'|'python'|'python_output', "
-                                 f"'text': str}}, got {part!r}")
-        parts.append((kind, part["text"]))
-    return parts
-
 
 def parse_ranks(data: bytes, where: str = "rank file") -> dict[bytes, int]:
     """Parse tiktoken's rank format: one `base64-token rank` per line."""
@@ -460,103 +366,3 @@ def read_rank_file(path: Path) -> dict[bytes, int]:
     if data[:2] == b"\x1f\x8b":
         data = gzip.decompress(data)
     return parse_ranks(data, str(path))
-
-
-# -------------------------------------------------------------------------------------------
-# nanochat tokenizer train | eval
-
-USAGE = "usage: nanochat tokenizer {train,eval} [options]   (nanochat tokenizer train --help for options)"
-
-
-def _documents(inputs: tuple[str, ...], split: str):
-    """Documents of each input: a .txt/.jsonl/.parquet file (all of it), or a data source
-    ("offline", "fineweb" or a folder; its `split`). No inputs: the offline corpus."""
-    from nanochat.data.sources import DataSource, resolve_source
-
-    for spec in inputs or ("offline",):
-        path = Path(spec).expanduser()
-        if path.is_file():
-            yield from DataSource(path.stem, (path,), (path,)).documents("train")
-        else:
-            yield from resolve_source(spec).documents(split)
-
-
-def _train(argv: list[str]) -> int:
-    import time
-
-    from nanochat.config import TOKENIZER_PRESETS, TokenizerTrainConfig, parse_config, tokenizer_dir
-    from nanochat.metrics import progress
-
-    cfg = parse_config(TokenizerTrainConfig, argv, presets=TOKENIZER_PRESETS, prog="nanochat tokenizer train",
-                       description="Train a byte-level BPE tokenizer (written to NANOCHAT_HOME/tokenizers/<name>).")
-    start = time.perf_counter()
-    reading = progress(desc="reading", unit="char", unit_scale=True)
-    chars = 0
-
-    def counted(docs):
-        nonlocal chars
-        for doc in docs:
-            n = min(len(doc), cfg.doc_cap or len(doc), cfg.max_chars - chars)
-            chars += n
-            reading.update(n)
-            yield doc
-
-    merging = None
-
-    def merged(done: int, total: int) -> None:
-        nonlocal merging
-        if merging is None:
-            reading.close()
-            merging = progress(total=total, desc="merging", unit="merge")
-        merging.update(done - merging.n)
-
-    tok = Tokenizer.train(counted(_documents(cfg.inputs, "train")), cfg.vocab_size, name=cfg.name,
-                          doc_cap=cfg.doc_cap, max_chars=cfg.max_chars, progress=merged)
-    reading.close()
-    if merging is not None:
-        merging.close()
-    out = tok.save(tokenizer_dir(cfg.name))
-    print(f"trained {cfg.name!r}: {tok.vocab_size} tokens ({len(tok.special_tokens)} special) from "
-          f"{chars:,} characters in {time.perf_counter() - start:.1f}s -> {out}")
-    return 0
-
-
-def _eval(argv: list[str]) -> int:
-    from nanochat.config import TokenizerEvalConfig, parse_config, tokenizer_dir
-
-    cfg = parse_config(TokenizerEvalConfig, argv, prog="nanochat tokenizer eval",
-                       description="Bytes per token on held-out text, against cl100k_base and o200k_base.")
-    ours = Tokenizer.load(tokenizer_dir(cfg.name))
-    docs = list(_documents(cfg.inputs, "val"))
-    if not docs:
-        raise TokenizerError("no held-out text to evaluate on; pass --inputs FILE_OR_FOLDER")
-    n_bytes = sum(len(d.encode("utf-8")) for d in docs)
-    rows = []
-    for tok in (ours, Tokenizer.official("cl100k_base"), Tokenizer.official("o200k_base")):
-        ids, _ = tok.encode_batch_numpy(docs, disallowed_special=())
-        rows.append((tok.name, tok.vocab_size, len(ids), n_bytes / max(len(ids), 1)))
-    print(f"{len(docs):,} held-out documents, {n_bytes:,} bytes\n")
-    print(f"| tokenizer | vocab | tokens | bytes/token | tokens vs {ours.name} |\n|---|---:|---:|---:|---:|")
-    for name, vocab, n_tokens, bpt in rows:
-        print(f"| {name} | {vocab:,} | {n_tokens:,} | {bpt:.3f} | {n_tokens / rows[0][2]:.2f}x |")
-    if cfg.out:
-        table = [{"name": n, "vocab_size": v, "tokens": t, "bytes_per_token": b} for n, v, t, b in rows]
-        out = Path(cfg.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"documents": len(docs), "bytes": n_bytes, "special_tokens": len(ours.special_tokens),
-                                   "tokenizers": table}, indent=2))
-    return 0
-
-
-def cli(argv: list[str]) -> int:
-    """`nanochat tokenizer train|eval`."""
-    import sys
-
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if argv else 2
-    actions = {"train": _train, "eval": _eval}
-    if argv[0] not in actions:
-        print(f"nanochat tokenizer: unknown action {argv[0]!r}\n{USAGE}", file=sys.stderr)
-        return 2
-    return actions[argv[0]](argv[1:])

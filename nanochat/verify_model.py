@@ -14,7 +14,7 @@ import torch
 
 from nanochat.config import VerifyModelConfig, parse_config
 from nanochat.errors import NanochatError
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT
 from nanochat.runtime import init_runtime, print0
 
 SPARKS = "▁▂▃▄▅▆▇█"
@@ -34,18 +34,18 @@ def cli(argv: list[str]) -> int:
     cfg = parse_config(VerifyModelConfig, argv, prog="nanochat verify-model",
                        description="Train the GPT on one random batch; pass when the loss falls to "
                                    "--target-loss within --steps steps and attention is causal.")
-    rt = init_runtime(cfg.device, seed=cfg.seed)
-    gpt_cfg = GPTConfig.from_model_config(cfg.model, cfg.vocab_size)
-    model = GPT(gpt_cfg).to(rt.device)
-    T = gpt_cfg.sequence_len
+    rt = init_runtime(cfg.runtime.device, cfg.runtime.dtype, seed=cfg.seed)
+    shape = cfg.model
+    model = GPT(shape, cfg.vocab_size).to(rt.device)
+    T = shape.sequence_len
     tokens = torch.randint(cfg.vocab_size, (cfg.batch_size, T + 1), device=rt.device)
     # Rows start with distinct tokens: two identical contexts asking for different next tokens
     # would put an unlearnable floor under the loss.
     tokens[:, 0] = torch.randperm(cfg.vocab_size, device=rt.device)[:cfg.batch_size]
     x, y = tokens[:, :-1], tokens[:, 1:]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    print0(f"model: {gpt_cfg.n_layer} layers, {gpt_cfg.n_embd} wide, {gpt_cfg.n_head} heads "
-           f"({gpt_cfg.n_kv_head} kv), {gpt_cfg.mlp}, qk_norm {'on' if gpt_cfg.qk_norm else 'off'}, "
+    print0(f"model: {shape.depth} layers, {shape.n_embd} wide, {shape.n_head} heads "
+           f"({shape.kv_heads} kv), {shape.mlp}, qk_norm {'on' if shape.qk_norm else 'off'}, "
            f"{model.num_params():,} parameters; batch {cfg.batch_size}×{T} on {rt.device}")
     print0(f"initial loss should be near ln(vocab) = {math.log(cfg.vocab_size):.3f}")
 

@@ -13,10 +13,9 @@ import torch
 
 from nanochat.checkpoint import save_checkpoint
 from nanochat.config import ModelConfig, tokenizer_dir
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT
+from nanochat.runs import stage_dir, tokenizer_identity
 from nanochat.tokenizer import Tokenizer
-from nanochat.train.chat import stage_dir
-from nanochat.train.pretrain import tokenizer_identity
 
 TEXT = "Hello there! The cat sat on the mat. 2+3 is 5. Café, naïve, über — 日本語. " * 40
 
@@ -28,7 +27,7 @@ def make_chat_model(run: str = "t", tokenizer: str = "t", stage: str = "sft", se
     tok.save(tokenizer_dir(tokenizer))
     shape = ModelConfig(depth=2, aspect_ratio=32, head_dim=16, sequence_len=sequence_len)
     torch.manual_seed(seed)
-    model = GPT(GPTConfig.from_model_config(shape, tok.vocab_size))
+    model = GPT(shape, tok.vocab_size)
     meta = {"config": {"model": dataclasses.asdict(shape)}, "tokenizer": tokenizer_identity(tokenizer, tok),
             "final": True}
     return save_checkpoint(stage_dir(run, stage), 1, model, meta)

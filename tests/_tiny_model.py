@@ -3,7 +3,7 @@
 import torch
 
 from nanochat.config import ModelConfig
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT
 
 VOCAB = 64
 SEQ = 16
@@ -13,8 +13,7 @@ def tiny_gpt(seed: int = 0, **overrides) -> GPT:
     torch.manual_seed(seed)
     shape = dict(depth=2, aspect_ratio=32, head_dim=16, sequence_len=SEQ)
     shape.update(overrides)
-    model = GPT(GPTConfig.from_model_config(ModelConfig(**shape), vocab_size=VOCAB))
-    return model
+    return GPT(ModelConfig(**shape), VOCAB)
 
 
 def fixed_rows(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,8 +11,10 @@ import torch
 from torch import nn
 
 from nanochat import chat
+from nanochat.chat_format import render_for_completion
 from nanochat.cli import main
-from nanochat.engine import Engine, ModelSource, load_engine
+from nanochat.config import DeviceConfig, ModelSource
+from nanochat.engine import Engine, Sampling, load_engine
 from nanochat.runtime import init_runtime
 from nanochat.tokenizer import Tokenizer
 from tests._chat_model import TEXT, chat_model_home
@@ -32,7 +34,7 @@ class Parrot(nn.Module):
     def __init__(self, scripts: list[list[int]], vocab: int, context: int = 512, interrupt_at: int = -1):
         super().__init__()
         self.scripts, self.vocab, self.interrupt_at = scripts, vocab, interrupt_at
-        self.register_buffer("cos", torch.zeros(context, 1))
+        self.max_positions = context
         self.prompts: list[list[int]] = []
 
     def new_kv_cache(self, batch, max_len, pad=None, dtype=None):
@@ -54,11 +56,11 @@ class Parrot(nn.Module):
 class Recording(Engine):
     """An engine that notes the sampling settings of every reply."""
 
-    settings: list[dict]
+    settings: list[Sampling]
 
-    def stream_text(self, prompt, **kwargs):
-        self.settings.append(kwargs)
-        return super().stream_text(prompt, **kwargs)
+    def stream_text(self, prompt, sampling):
+        self.settings.append(sampling)
+        return super().stream_text(prompt, sampling)
 
 
 def says(tok, text: str) -> list[int]:
@@ -103,9 +105,9 @@ def home(tmp_path_factory):
 
 def test_one_shot_prints_the_reply_and_nothing_else(home, monkeypatch, capsys):
     monkeypatch.setenv("NANOCHAT_HOME", str(home))
-    engine, _ = load_engine(ModelSource(run="t", device="cpu"), RT)
-    prompt = engine.tok.render_for_completion([{"role": "user", "content": "Hello there!"}])
-    expect = "".join(engine.stream_text(prompt, max_tokens=24, temperature=0.0))
+    engine, _ = load_engine(ModelSource(run="t", runtime=DeviceConfig(device="cpu")), RT)
+    prompt = render_for_completion(engine.tok, [{"role": "user", "content": "Hello there!"}])
+    expect = "".join(engine.stream_text(prompt, Sampling(max_tokens=24, temperature=0.0)))
     assert expect.strip()
 
     code = main(["chat", "--run", "t", "--device", "cpu", "--temperature", "0", "--max-tokens", "24",
@@ -121,8 +123,8 @@ def test_one_shot_reads_the_prompt_from_stdin_and_sends_the_system_message(parro
     code, out, err = run_chat(monkeypatch, capsys, ["What is", "a cat?"], "-p", "-", "--system", "Be brief.",
                               "--seed", "7", "--temperature", "0.9", "--top-k", "0")
     assert (code, out, err) == (0, "Hi there.\n", "")
-    assert model.prompts == [tok.render_for_completion([{"role": "user", "content": "Be brief.\n\nWhat is\na cat?"}])]
-    assert engine.settings == [{"max_tokens": 32, "temperature": 0.9, "top_k": None, "seed": 7}]
+    assert model.prompts == [render_for_completion(tok, [{"role": "user", "content": "Be brief.\n\nWhat is\na cat?"}])]
+    assert engine.settings == [Sampling(max_tokens=32, temperature=0.9, top_k=None, seed=7)]
 
 
 def test_one_shot_says_when_the_reply_is_cut_off(parrot, tok, monkeypatch, capsys):
@@ -146,7 +148,7 @@ def test_max_tokens_beyond_the_context_is_bounded_by_it(parrot, tok, monkeypatch
     words = tok.encode_ordinary("and on " * 40)  # never closes its turn
     parrot(scripts=[words], context=48)
     code, out, err = run_chat(monkeypatch, capsys, [], "-p", "hi", "--max-tokens", "512")
-    room = 48 - len(tok.render_for_completion([{"role": "user", "content": "hi"}]))
+    room = 48 - len(render_for_completion(tok, [{"role": "user", "content": "hi"}]))
     assert code == 0
     assert out == tok.decode(words[:room]) + "\n"
     assert f"cut off at {room} tokens: the model's context is full" in err
@@ -162,7 +164,7 @@ def test_each_turn_sends_the_whole_conversation(parrot, tok, monkeypatch, capsys
     assert code == 0
     assert "Hi there.\n" in out and "The cat sat.\n" in out
     first, second = model.prompts
-    assert first == tok.render_for_completion([{"role": "user", "content": "Hello!"}])
+    assert first == render_for_completion(tok, [{"role": "user", "content": "Hello!"}])
     assert second == first + says(tok, "Hi there.") + user_turn(tok, "Where is the cat?") + \
         [tok.special_id("<|assistant_start|>")]
 
@@ -172,13 +174,13 @@ def test_clear_forgets_the_conversation(parrot, tok, monkeypatch, capsys):
     code, out, _ = run_chat(monkeypatch, capsys, ["Hello!", "/clear", "Where is the cat?"])
     assert code == 0
     assert "(conversation cleared)" in out
-    assert model.prompts[1] == tok.render_for_completion([{"role": "user", "content": "Where is the cat?"}])
+    assert model.prompts[1] == render_for_completion(tok, [{"role": "user", "content": "Where is the cat?"}])
 
 
 def test_clear_keeps_the_system_message(parrot, tok, monkeypatch, capsys):
     model, _ = parrot()
     run_chat(monkeypatch, capsys, ["Hello!", "/clear", "Again."], "--system", "Be kind.")
-    assert model.prompts[1] == tok.render_for_completion([{"role": "user", "content": "Be kind.\n\nAgain."}])
+    assert model.prompts[1] == render_for_completion(tok, [{"role": "user", "content": "Be kind.\n\nAgain."}])
 
 
 def test_temp_sets_the_temperature_and_refuses_bad_values(parrot, monkeypatch, capsys):
@@ -186,7 +188,7 @@ def test_temp_sets_the_temperature_and_refuses_bad_values(parrot, monkeypatch, c
     lines = ["one", "/temp 1.5", "two", "/temp -1", "/temp warm", "/temp nan", "/temp", "three", "/temp 0", "four"]
     code, out, err = run_chat(monkeypatch, capsys, lines, "--temperature", "0.6")
     assert code == 0
-    assert [s["temperature"] for s in engine.settings] == [0.6, 1.5, 1.5, 0.0]
+    assert [s.temperature for s in engine.settings] == [0.6, 1.5, 1.5, 0.0]
     assert err.count("/temp needs a number ≥ 0") == 3
     assert "got '-1'" in err and "got 'warm'" in err
     assert out.count("(temperature 1.5)") == 2  # set, then shown by /temp alone
@@ -225,7 +227,7 @@ def test_ctrl_c_during_a_reply_stops_it_and_forgets_that_exchange(parrot, tok, m
     code, out, err = run_chat(monkeypatch, capsys, ["Hello!", "Again."])
     assert code == 0
     assert "(reply stopped; that exchange is forgotten)" in err
-    assert model.prompts[1] == tok.render_for_completion([{"role": "user", "content": "Again."}])
+    assert model.prompts[1] == render_for_completion(tok, [{"role": "user", "content": "Again."}])
 
 
 def test_oldest_exchanges_are_dropped_when_the_context_is_full(parrot, tok, monkeypatch, capsys):
@@ -242,8 +244,8 @@ def test_oldest_exchanges_are_dropped_when_the_context_is_full(parrot, tok, monk
         return {"role": "assistant", "content": text}
 
     assert model.prompts[2:] == [
-        tok.render_for_completion([user("Where is the cat?"), bot("The cat sat."), user("And the mat?")]),
-        tok.render_for_completion([user("And the mat?"), bot("Hi there."), user("Hello!")]),
+        render_for_completion(tok, [user("Where is the cat?"), bot("The cat sat."), user("And the mat?")]),
+        render_for_completion(tok, [user("And the mat?"), bot("Hi there."), user("Hello!")]),
     ]
 
 

@@ -1,6 +1,6 @@
-"""Chat evaluations: letter scoring of multiple choice, the loaders on parquet fixtures in the
-published schemas (download stubbed), generative scoring with injected generations, HumanEval in
-the sandbox, and ChatCORE."""
+"""Chat evaluations: letter scoring of multiple choice, the evaluation tasks (nanochat.tasks) on
+parquet fixtures in the published schemas (download stubbed), generative scoring with injected
+generations, HumanEval in the sandbox, and ChatCORE."""
 
 import json
 import re
@@ -18,25 +18,23 @@ from nanochat.config import ModelConfig
 from nanochat.evaluate import chat
 from nanochat.evaluate.chat import (
     CHAT_TASKS,
+    assistant_text,
     evaluate_chat,
     humaneval_program,
     letter_ids,
-    load_arc,
-    load_humaneval,
-    load_mmlu,
     mc_accuracy,
     mc_predictions,
-    mc_prompt,
-    reply_text,
+    prompt_ids,
     score_arithmetic,
     score_gsm8k,
     score_humaneval,
     score_spelling,
-    wiki_mc_items,
 )
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT
 from nanochat.runtime import Runtime
-from nanochat.tasks.base import rng
+from nanochat.tasks import build_task
+from nanochat.tasks.base import TaskError, rng
+from nanochat.tasks.multiple_choice import multiple_choice
 from nanochat.tasks.spelling import count_letter, spell, spell_backwards
 from nanochat.tokenizer import Tokenizer
 
@@ -76,6 +74,15 @@ def letter(tok, k: int) -> int:
     return tok.encode_ordinary("ABCDEFGHIJ"[k])[0]
 
 
+def mc(question, choices, gold=0, subject=""):
+    return multiple_choice(question, choices, gold, subject)
+
+
+def mc_rows(task) -> list[tuple]:
+    """A multiple-choice task as (question, choices, gold) rows, the question read back from the prompt."""
+    return [(c["messages"][0]["content"].split("\n\n")[1], c["choices"], c["answer"]) for c in task]
+
+
 # ---------------------------------------------------------------------------------------------
 # Multiple choice
 
@@ -90,54 +97,61 @@ def test_letters_map_to_their_tokens(tok, n):
 
 
 def test_the_prompt_shows_lettered_choices_and_opens_the_reply(tok):
-    prompt = mc_prompt(tok, "Which is a colour?", ["red", "seven", "fast"])
-    text = tok.decode(prompt)
+    conversation = mc("Which is a colour?", ["red", "seven", "fast"], 2)
+    text = tok.decode(prompt_ids(tok, conversation))
     assert "Which is a colour?" in text and "A. red\nB. seven\nC. fast" in text
     assert text.startswith("<|bos|><|user_start|>") and text.endswith("<|user_end|><|assistant_start|>")
+    assert conversation["messages"][1] == {"role": "assistant", "content": "C"}
+    assert (conversation["choices"], conversation["answer"]) == (["red", "seven", "fast"], 2)
 
 
 def test_accuracy_of_a_model_that_always_answers_b(tok):
     model = OracleModel(tok.vocab_size, default={letter(tok, 1): 5.0})
-    items = [("q1", ["a", "b", "c", "d"], 1), ("q2", ["a", "b", "c", "d"], 0), ("q3", ["a", "b"], 1),
-             ("q4", ["a", "b", "c"], 2), ("q5", ["a", "b", "c", "d", "e"], 1)]
+    items = [mc("q1", ["a", "b", "c", "d"], 1), mc("q2", ["a", "b", "c", "d"], 0), mc("q3", ["a", "b"], 1),
+             mc("q4", ["a", "b", "c"], 2), mc("q5", ["a", "b", "c", "d", "e"], 1)]
     assert mc_accuracy(model, tok, items, RT) == pytest.approx(3 / 5)
 
 
 def test_only_valid_letters_can_be_picked(tok):
     model = OracleModel(tok.vocab_size, default={letter(tok, 4): 9.0, letter(tok, 2): 5.0})  # E, then C
-    items = [("q", ["a", "b", "c", "d"], 0, ""), ("q", ["a", "b", "c", "d", "e"], 0, "")]
+    items = [mc("q", ["a", "b", "c", "d"]), mc("q", ["a", "b", "c", "d", "e"])]
     assert mc_predictions(model, tok, items, RT) == [2, 4]
 
 
 def test_each_item_is_scored_on_its_own_prompt_in_a_mixed_batch(tok):
-    items = [(f"Question {i}?", [f"c{k}" for k in range(2 + i % 4)], (3 * i) % (2 + i % 4), "") for i in range(11)]
-    answers = {tuple(mc_prompt(tok, q, c)): letter(tok, gold) for q, c, gold, _ in items}
+    items = [mc(f"Question {i}?", [f"c{k}" for k in range(2 + i % 4)], (3 * i) % (2 + i % 4)) for i in range(11)]
+    answers = {tuple(prompt_ids(tok, c)): letter(tok, c["answer"]) for c in items}
     model = OracleModel(tok.vocab_size, answers)
-    assert mc_predictions(model, tok, items, RT, batch_size=4) == [gold for _, _, gold, _ in items]
-    wrong = {key: letter(tok, (items[i][2] + 1) % len(items[i][1])) for i, key in enumerate(answers)}
+    assert mc_predictions(model, tok, items, RT, batch_size=4) == [c["answer"] for c in items]
+    wrong = {key: letter(tok, (c["answer"] + 1) % len(c["choices"])) for c, key in zip(items, answers, strict=True)}
     assert mc_accuracy(OracleModel(tok.vocab_size, wrong), tok, items, RT) == 0.0
 
 
 def test_a_real_model_gives_the_same_picks_batched_or_not(tok):
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_model_config(ModelConfig(depth=2, aspect_ratio=32, head_dim=16, sequence_len=256),
-                                            vocab_size=tok.vocab_size))
-    items = [(f"What is {i} plus {i}?" + " really" * i, ["one", "two", "three", "four", "five"][:2 + i % 4], 0, "")
+    model = GPT(ModelConfig(depth=2, aspect_ratio=32, head_dim=16, sequence_len=256), tok.vocab_size)
+    items = [mc(f"What is {i} plus {i}?" + " really" * i, ["one", "two", "three", "four", "five"][:2 + i % 4])
              for i in range(6)]
     assert mc_predictions(model, tok, items, RT, batch_size=6) == mc_predictions(model, tok, items, RT, batch_size=1)
 
 
 def test_wiki_multiple_choice_is_deterministic_and_well_formed():
-    items = wiki_mc_items(seed=0)
-    assert len(items) > 500 and items == wiki_mc_items(seed=0) and items != wiki_mc_items(seed=1)
-    for question, choices, gold, _ in items[:200]:
+    task = build_task("wiki_mc", "val")
+    items = mc_rows(task)
+    assert len(items) > 500 and items == mc_rows(build_task("wiki_mc", "test", seed=0))
+    assert items != mc_rows(build_task("wiki_mc", "val", seed=1))
+    for question, choices, gold in items[:200]:
         assert question.startswith("Which description fits ") and question.endswith("?")
         assert len(choices) == 4 and len(set(choices)) == 4 and 0 <= gold < 4
-    assert len({gold for _, _, gold, _ in items[:200]}) == 4  # the truth is not always in one place
+    assert len({gold for _, _, gold in items[:200]}) == 4  # the truth is not always in one place
+    assert [c["messages"][1]["content"] for c in task][:200] == ["ABCD"[gold] for _, _, gold in items[:200]]
+    truths = {(q, choices[gold]) for q, choices, gold in items}
+    assert truths.isdisjoint((q, c[g]) for q, c, g in mc_rows(build_task("wiki_mc", "train")))  # other articles
+    assert CHAT_TASKS["wiki_mc"].load(30) == list(task)[:30]  # the evaluation reads the task, in its order
 
 
 # ---------------------------------------------------------------------------------------------
-# Loaders, with the hub download stubbed by parquet fixtures in the published schemas
+# Evaluation tasks, with the hub download stubbed by parquet fixtures in the published schemas
 
 ARC_SCHEMA = pa.schema([("id", pa.string()), ("question", pa.string()),
                         ("choices", pa.struct([("text", pa.list_(pa.string())), ("label", pa.list_(pa.string()))])),
@@ -168,6 +182,7 @@ GSM8K_ROWS = [{"question": "Tom has 3 apples and buys 4 more. How many?", "answe
 FIXTURES = {
     ("allenai/ai2_arc", "ARC-Easy/test-00000-of-00001.parquet"): (ARC_SCHEMA, ARC_ROWS),
     ("allenai/ai2_arc", "ARC-Challenge/test-00000-of-00001.parquet"): (ARC_SCHEMA, ARC_ROWS[1:]),
+    ("allenai/ai2_arc", "ARC-Easy/train-00000-of-00001.parquet"): (ARC_SCHEMA, ARC_ROWS[::-1]),
     ("cais/mmlu", "all/test-00000-of-00001.parquet"): (MMLU_SCHEMA, MMLU_ROWS),
     ("openai/openai_humaneval", "openai_humaneval/test-00000-of-00001.parquet"): (HUMANEVAL_SCHEMA, [PROBLEM]),
     ("openai/gsm8k", "main/test-00000-of-00001.parquet"): (GSM8K_SCHEMA, GSM8K_ROWS),
@@ -179,21 +194,40 @@ def hub_stub(tmp_path, monkeypatch):
     return stub_hub(monkeypatch, tmp_path, FIXTURES)
 
 
-def test_arc_reads_the_published_schema(hub_stub):
-    easy = load_arc("arc_easy")
-    assert easy == [("Which is a gas?", ["rock", "steam", "ice", "wood"], 1, ""),
-                    ("How many legs has a spider?", ["six", "four", "eight"], 2, "")]
-    assert load_arc("arc_challenge") == easy[1:]
-    load_arc("arc_easy")
+def test_arc_reads_the_published_schema(hub_stub, tmp_path):
+    easy = build_task("arc_easy", "test")
+    assert mc_rows(easy) == [("Which is a gas?", ["rock", "steam", "ice", "wood"], 1),
+                             ("How many legs has a spider?", ["six", "four", "eight"], 2)]
+    assert [c["messages"][1]["content"] for c in easy] == ["B", "C"]  # "3" of labels 1..3 is the letter C
+    assert mc_rows(build_task("arc_challenge", "val")) == mc_rows(easy)[1:]
+    build_task("arc_easy", "test")
     assert hub_stub == [("allenai/ai2_arc", "ARC-Easy/test-00000-of-00001.parquet"),
                         ("allenai/ai2_arc", "ARC-Challenge/test-00000-of-00001.parquet")]  # cached afterwards
+    assert (tmp_path / "data" / "tasks" / "arc" / "ARC-Easy" / "test-00000-of-00001.parquet").is_file()
+    assert mc_rows(build_task("arc_easy", "train")) == mc_rows(easy)[::-1]  # the published train split
 
 
-def test_mmlu_test_reads_the_published_schema(hub_stub, tok):
-    items = load_mmlu()
+def test_mmlu_test_reads_the_published_schema(hub_stub, tok, tmp_path):
+    task = build_task("mmlu_test", "test")
     assert hub_stub == [("cais/mmlu", "all/test-00000-of-00001.parquet")]
-    assert items[1] == ("Capital of France?", ["Lyon", "Nice", "Paris", "Metz"], 2, "geography")
-    assert "about geography" in tok.decode(mc_prompt(tok, *items[1][:2], items[1][3]))
+    assert (tmp_path / "data" / "tasks" / "mmlu" / "all" / "test-00000-of-00001.parquet").is_file()
+    assert mc_rows(task)[1] == ("Capital of France?", ["Lyon", "Nice", "Paris", "Metz"], 2)
+    assert "about geography" in tok.decode(prompt_ids(tok, task[1]))
+    with pytest.raises(TaskError, match="no train split"):
+        build_task("mmlu_test", "train")
+
+
+def test_mmlu_evaluates_a_fixed_shuffle_of_a_subset_and_all_of_it_in_file_order(hub_stub, monkeypatch):
+    rows = [{"question": f"Q{i}?", "subject": f"subject_{i // 10}", "choices": ["a", "b", "c", "d"], "answer": i % 4}
+            for i in range(40)]
+    monkeypatch.setitem(FIXTURES, ("cais/mmlu", "all/test-00000-of-00001.parquet"), (MMLU_SCHEMA, rows))
+    order = list(range(40))
+    rng("mmlu-eval").shuffle(order)  # the file is sorted by subject: a prefix would be one subject
+    questions = [f"Q{i}?" for i in order[:12]]
+    assert [q for q, _, _ in mc_rows(CHAT_TASKS["mmlu"].load(12))] == questions
+    assert [q for q, _, _ in mc_rows(CHAT_TASKS["mmlu"].load(None))] == [f"Q{i}?" for i in range(40)]
+    assert [q for q, _, _ in mc_rows(CHAT_TASKS["mmlu"].load(40))] == [f"Q{i}?" for i in range(40)]
+    assert [q for q, _, _ in mc_rows(CHAT_TASKS["arc_easy"].load(1))] == ["Which is a gas?"]  # a plain prefix
 
 
 def test_online_multiple_choice_through_evaluate_chat(hub_stub, tok):
@@ -236,10 +270,11 @@ def test_gsm8k_scores_the_final_number(hub_stub, tok):
 
 
 def test_humaneval_runs_the_completion_against_the_tests(hub_stub):
-    items = load_humaneval()
-    assert len(items) == 1
-    question, problem = items[0]
-    assert problem == PROBLEM and PROBLEM["prompt"] in question
+    task = build_task("humaneval", "test")
+    assert len(task) == 1
+    problem = task[0]["problem"]
+    assert problem == PROBLEM and PROBLEM["prompt"] in task[0]["messages"][0]["content"]
+    assert score_humaneval(assistant_text(task[0]), problem)  # the task's own answer passes
     assert score_humaneval(PROBLEM["canonical_solution"], problem)
     assert not score_humaneval("    return a - b\n", problem)
     whole = "Here it is:\n```python\ndef add(a, b):\n    return b + a\n```\nDone."
@@ -269,24 +304,19 @@ def test_spelling_and_arithmetic_score_the_final_answer():
 
 def test_the_default_generation_runs_a_real_model_through_the_engine(tok):
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_model_config(ModelConfig(depth=1, aspect_ratio=32, head_dim=16, sequence_len=64),
-                                            vocab_size=tok.vocab_size))
+    model = GPT(ModelConfig(depth=1, aspect_ratio=32, head_dim=16, sequence_len=64), tok.vocab_size)
     result = evaluate_chat(model, tok, RT, tasks=("spelling", "arithmetic"), max_items=3, batch_size=2)
     assert [r["total"] for r in result["tasks"].values()] == [3, 3]
     replies = chat.greedy_generate(model, tok, RT, max_new_tokens=1000)([[tok.bos_id] * 200, [tok.bos_id] * 10])
     assert len(replies) == 2 and 1 <= len(replies[0]) <= model.cos.size(0) - 200  # cut to the positions left
 
 
-def test_reply_text_drops_the_closing_token(tok):
-    end = tok.special_id("<|assistant_end|>")
-    assert reply_text(tok, tok.encode_ordinary("The cat") + [end]) == "The cat"
-
-
 def offline_suite(tok, right: bool, max_items: int):
     """A model and generation that answer the offline tasks all right (or all wrong)."""
-    mc = CHAT_TASKS["wiki_mc"].load(max_items)
-    answers = {tuple(mc_prompt(tok, q, c)): letter(tok, g if right else (g + 1) % len(c)) for q, c, g, _ in mc}
-    references = dict(CHAT_TASKS["spelling"].load(max_items) + CHAT_TASKS["arithmetic"].load(max_items))
+    answers = {tuple(prompt_ids(tok, c)): letter(tok, c["answer"] if right else (c["answer"] + 1) % len(c["choices"]))
+               for c in CHAT_TASKS["wiki_mc"].load(max_items)}
+    references = {c["messages"][0]["content"]: assistant_text(c)
+                  for c in CHAT_TASKS["spelling"].load(max_items) + CHAT_TASKS["arithmetic"].load(max_items)}
     return OracleModel(tok.vocab_size, answers), replying(tok, lambda q: references[q] if right else "I don't know.")
 
 
@@ -312,13 +342,13 @@ def test_ranks_split_the_items_and_together_count_each_once(tok):
 
 
 def test_unknown_tasks_are_refused(tok):
-    with pytest.raises(chat.TaskError, match="unknown chat evaluation task"):
+    with pytest.raises(TaskError, match="unknown chat evaluation task"):
         evaluate_chat(None, tok, RT, tasks=("wiki_mc", "trivia"))
 
 
 DIST_WORKER = r"""
 import json, re, sys, warnings
-from nanochat.evaluate.chat import CHAT_TASKS, evaluate_chat
+from nanochat.evaluate.chat import CHAT_TASKS, assistant_text, evaluate_chat
 from nanochat.runtime import init_runtime, teardown
 from nanochat.tokenizer import Tokenizer
 
@@ -326,7 +356,7 @@ rt = init_runtime(device="cpu")
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     tok = Tokenizer.train(["The answer is 391. How many apples?"] * 20, 300)
-items = CHAT_TASKS["arithmetic"].load(10)
+items = [(c["messages"][0]["content"], assistant_text(c)) for c in CHAT_TASKS["arithmetic"].load(10)]
 end = tok.special_id("<|assistant_end|>")
 
 def make(max_new_tokens):

@@ -10,9 +10,8 @@ import pytest
 from test_core_eval import TASKS, write_bundle
 
 from nanochat.cli import main
-from nanochat.data.download import download_core_bundle
+from nanochat.data.core_bundle import download_core_bundle, load_bundle
 from nanochat.errors import NanochatError
-from nanochat.evaluate import core
 
 
 @pytest.fixture
@@ -48,7 +47,7 @@ def test_download_unpacks_a_valid_bundle(tmp_path, web, monkeypatch):
     monkeypatch.setenv("NANOCHAT_HOME", str(tmp_path / "home"))
     assert main(["data", "core-bundle", "--url", f"{url}/eval_bundle.zip"]) == 0
     dest = tmp_path / "home" / "data" / "eval_bundle"
-    assert {t.label for t in core.load_bundle(dest)} == set(TASKS)
+    assert {t.label for t in load_bundle(dest)} == set(TASKS)
     assert sorted(p.name for p in dest.parent.iterdir()) == ["eval_bundle"]  # no .part / .tmp debris
 
 
@@ -75,7 +74,7 @@ def test_a_bad_download_keeps_the_bundle_already_there(tmp_path, web):
         download_core_bundle(dest, f"{url}/missing.zip", force=True)
 
     assert sorted(p.relative_to(dest) for p in dest.rglob("*")) == before
-    assert len(core.load_bundle(dest)) == len(TASKS)
+    assert len(load_bundle(dest)) == len(TASKS)
 
 
 def test_a_bundle_in_place_is_checked_not_fetched(tmp_path):

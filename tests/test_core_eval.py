@@ -1,4 +1,5 @@
-"""CORE evaluation on a handmade eval bundle: an oracle scores 1 centered, chance scores 0."""
+"""CORE evaluation on a handmade eval bundle: the bundle is read and validated (data/core_bundle.py),
+an oracle scores 1 centered, chance scores 0 (evaluate/core.py)."""
 
 import json
 import math
@@ -10,9 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.config import ModelConfig
+from nanochat.data.core_bundle import CoreTask, load_bundle
 from nanochat.errors import NanochatError
 from nanochat.evaluate import core
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT
 from nanochat.runtime import Runtime
 from nanochat.tokenizer import Tokenizer
 
@@ -128,8 +130,8 @@ def all_golds(items):
 
 def test_load_bundle_reads_tasks(bundle):
     root, items = bundle
-    tasks = core.load_bundle(root)
-    assert [t.label for t in tasks] == list(TASKS)
+    tasks = load_bundle(root)
+    assert [t.label for t in tasks] == list(TASKS) and all(isinstance(t, CoreTask) for t in tasks)
     for t in tasks:
         kind, shots, delim, baseline = TASKS[t.label]
         assert (t.kind, t.num_fewshot, t.delimiter) == (kind, shots, delim)
@@ -141,14 +143,14 @@ def test_load_bundle_accepts_plain_fewshot_and_default_delimiter(tmp_path):
     write_bundle(tmp_path, {"mc": ("multiple_choice", 3, " ", 25.0)}, yaml_list_shots=False)
     text = (tmp_path / "core.yaml").read_text().replace('  continuation_delimiter: " "\n', "")
     (tmp_path / "core.yaml").write_text(text)
-    (task,) = core.load_bundle(tmp_path)
+    (task,) = load_bundle(tmp_path)
     assert (task.num_fewshot, task.delimiter) == (3, " ")
 
 
 def test_oracle_scores_one_on_every_task(bundle):
     root, items = bundle
     tok = ByteTokenizer()
-    result = core.evaluate_tasks(core.load_bundle(root), tok, oracle_scorer(tok, all_golds(items)), CPU)
+    result = core.evaluate_tasks(load_bundle(root), tok, oracle_scorer(tok, all_golds(items)), CPU)
     for label, r in result["tasks"].items():
         assert r == {"accuracy": 1.0, "centered": 1.0, "n": N_ITEMS,
                      "baseline": pytest.approx(TASKS[label][3] / 100)}, label
@@ -159,7 +161,7 @@ def test_wrong_answers_score_below_chance(bundle):
     """An oracle that always picks a wrong option: accuracy 0, centered -b/(1-b)."""
     root, items = bundle
     tok = ByteTokenizer()
-    result = core.evaluate_tasks(core.load_bundle(root), tok, oracle_scorer(tok, all_golds(items), inverted=True), CPU)
+    result = core.evaluate_tasks(load_bundle(root), tok, oracle_scorer(tok, all_golds(items), inverted=True), CPU)
     for label, r in result["tasks"].items():
         b = TASKS[label][3] / 100
         assert r["accuracy"] == 0.0, label
@@ -168,7 +170,7 @@ def test_wrong_answers_score_below_chance(bundle):
 
 def test_random_scorer_is_near_zero(bundle):
     root, _ = bundle
-    tok, tasks = ByteTokenizer(), core.load_bundle(root)
+    tok, tasks = ByteTokenizer(), load_bundle(root)
     runs = [core.evaluate_tasks(tasks, tok, random_scorer(tok.vocab_size, seed), CPU) for seed in range(30)]
     mean_core = sum(r["core"] for r in runs) / len(runs)
     assert abs(mean_core) < 0.08, mean_core
@@ -180,7 +182,7 @@ def test_random_scorer_is_near_zero(bundle):
 def test_pairs_split_at_the_answer(bundle):
     root, items = bundle
     tok = ByteTokenizer()
-    tasks = {t.label: t for t in core.load_bundle(root)}
+    tasks = {t.label: t for t in load_bundle(root)}
     mc = tasks["mc2_zeroshot"]
     pairs = core.item_pairs(mc, 3, tok)
     item = items["mc2_zeroshot"][3]
@@ -201,7 +203,7 @@ def test_pairs_split_at_the_answer(bundle):
 def test_fewshot_examples_are_other_items_with_their_answers(bundle):
     root, items = bundle
     tok = ByteTokenizer()
-    task = next(t for t in core.load_bundle(root) if t.label == "mc4_fewshot")
+    task = next(t for t in load_bundle(root) if t.label == "mc4_fewshot")
     for i in range(N_ITEMS):
         context = tok.decode(core.item_pairs(task, i, tok)[0][0])
         shots = context.split("\n\n")
@@ -218,7 +220,7 @@ def test_fewshot_examples_are_other_items_with_their_answers(bundle):
 
 def test_ranks_split_items_and_max_per_task(bundle):
     root, items = bundle
-    tok, tasks = ByteTokenizer(), core.load_bundle(root)
+    tok, tasks = ByteTokenizer(), load_bundle(root)
     scorer = oracle_scorer(tok, all_golds(items))
     seen = []
 
@@ -257,12 +259,12 @@ def test_bad_bundles_fail_with_a_clear_message(tmp_path, breakage, message):
     write_bundle(tmp_path)
     breakage(tmp_path)
     with pytest.raises(NanochatError, match=message):
-        core.load_bundle(tmp_path)
+        load_bundle(tmp_path)
 
 
 def test_missing_bundle_folder(tmp_path):
     with pytest.raises(NanochatError, match="not a folder.*core.yaml"):
-        core.load_bundle(tmp_path / "nope")
+        load_bundle(tmp_path / "nope")
 
 
 def _edit(path, old, new):
@@ -287,9 +289,7 @@ def tiny_model_and_tokenizer():
         texts += [json.dumps(item) for item in make_items(label, kind, seed=n)]
     tok = Tokenizer.train(texts, 300)
     torch.manual_seed(0)
-    config = GPTConfig.from_model_config(ModelConfig(depth=1, aspect_ratio=32, head_dim=32, sequence_len=64),
-                                         tok.vocab_size)
-    return GPT(config), tok
+    return GPT(ModelConfig(depth=1, aspect_ratio=32, head_dim=32, sequence_len=64), tok.vocab_size), tok
 
 
 def test_model_scorer_matches_the_model_loss(tiny_model_and_tokenizer):

@@ -1,11 +1,16 @@
+"""The engine: KV-cache generation equals a full recompute, tool calls are forced into the stream,
+sampling (one shared `Sampling` or one per row) is seeded, and a reply's tokens read back as text
+and chat-format parts (nanochat.chat_format) with nothing but the tokenizer."""
+
 import pytest
 import torch
 from torch import nn
 
 from nanochat.calculator import CalculatorError, calculate
+from nanochat.chat_format import ReplyText, reply_parts, reply_text
 from nanochat.config import ModelConfig
 from nanochat.engine import Engine, Sampling, sample
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT
 from nanochat.runtime import init_runtime
 from nanochat.tokenizer import Tokenizer
 
@@ -25,7 +30,7 @@ class Scripted(nn.Module):
     def __init__(self, script: list[int], vocab: int):
         super().__init__()
         self.script, self.vocab, self.fed = script, vocab, []
-        self.register_buffer("cos", torch.zeros(512, 1))
+        self.max_positions = 512
         self.produced = 0
 
     def new_kv_cache(self, batch, max_len, pad=None, dtype=None):
@@ -42,11 +47,10 @@ class Scripted(nn.Module):
 
 def test_kv_cache_generation_equals_naive_recompute(tok):
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_model_config(ModelConfig(depth=2, aspect_ratio=32, head_dim=16, sequence_len=64),
-                                            tok.vocab_size))
+    model = GPT(ModelConfig(depth=2, aspect_ratio=32, head_dim=16, sequence_len=64), tok.vocab_size)
     engine = Engine(model, tok, RT)
     prompts = [tok.encode("the cat"), tok.encode("on the mat. 2"), [tok.bos_id]]
-    got = engine.complete(prompts, max_tokens=24)
+    got = engine.complete(prompts, Sampling(max_tokens=24))
     specials = set(tok.special_tokens.values())
     compared = 0
     for prompt, out in zip(prompts, got, strict=True):
@@ -70,7 +74,7 @@ def test_tool_call_result_is_forced_into_the_stream(tok):
     n_forced = 2 + len(tok.encode_ordinary("5"))
     script += [0] * n_forced + after + [sid("<|assistant_end|>")]  # what the model "wants" while forced is ignored
     model = Scripted(script, tok.vocab_size)
-    out = Engine(model, tok, RT).complete([[tok.bos_id]], max_tokens=40)[0]
+    out = Engine(model, tok, RT).complete([[tok.bos_id]], Sampling(max_tokens=40))[0]
     forced = [sid("<|output_start|>"), *tok.encode_ordinary("5"), sid("<|output_end|>")]
     expect = [sid("<|python_start|>"), *call, sid("<|python_end|>"), *forced, *after, sid("<|assistant_end|>")]
     assert out == expect
@@ -81,7 +85,7 @@ def test_tool_call_result_is_forced_into_the_stream(tok):
 def test_calculator_errors_become_tool_output_not_crashes(tok):
     sid = tok.special_id
     script = [sid("<|python_start|>"), *tok.encode_ordinary("2+"), sid("<|python_end|>")] + [0] * 60
-    out = Engine(Scripted(script, tok.vocab_size), tok, RT).complete([[tok.bos_id]], max_tokens=40)[0]
+    out = Engine(Scripted(script, tok.vocab_size), tok, RT).complete([[tok.bos_id]], Sampling(max_tokens=40))[0]
     text = tok.decode(out)
     assert "<|output_start|>error: cannot parse" in text
 
@@ -89,7 +93,7 @@ def test_calculator_errors_become_tool_output_not_crashes(tok):
 def test_streaming_never_splits_a_utf8_character(tok):
     e_acute = list("é".encode())  # two byte tokens: 0xC3, 0xA9
     script = [e_acute[0], e_acute[1], *tok.encode_ordinary("!"), tok.special_id("<|assistant_end|>")]
-    pieces = list(Engine(Scripted(script, tok.vocab_size), tok, RT).stream_text([tok.bos_id], max_tokens=10))
+    pieces = list(Engine(Scripted(script, tok.vocab_size), tok, RT).stream_text([tok.bos_id], Sampling(max_tokens=10)))
     assert "".join(pieces) == "é!"
     assert all("\ufffd" not in p for p in pieces)
 
@@ -128,7 +132,7 @@ def test_reply_stream_shows_tool_calls_readably_and_reports_why_it_ended(tok):
     script = [*tok.encode_ordinary("it is "), sid("<|python_start|>"), *tok.encode_ordinary("2+3"),
               sid("<|python_end|>")]
     script += [0] * (2 + len(tok.encode_ordinary("5"))) + tok.encode_ordinary(".") + [sid("<|assistant_end|>")]
-    stream = Engine(Scripted(script, tok.vocab_size), tok, RT).stream_text([tok.bos_id], max_tokens=40)
+    stream = Engine(Scripted(script, tok.vocab_size), tok, RT).stream_text([tok.bos_id], Sampling(max_tokens=40))
     assert "".join(stream) == "it is [2+3 = 5]."
     assert stream.finish_reason == "stop" and stream.tokens[-1] == sid("<|assistant_end|>")
     assert len(stream.tokens) == len(script)  # every generated token counts, the forced ones too
@@ -137,28 +141,55 @@ def test_reply_stream_shows_tool_calls_readably_and_reports_why_it_ended(tok):
     glued = [*tok.encode_ordinary("Let me see."), sid("<|python_start|>"), *tok.encode_ordinary("6*7"),
              sid("<|python_end|>")]
     glued += [0] * (2 + len(tok.encode_ordinary("42"))) + tok.encode_ordinary("So 42.") + [sid("<|assistant_end|>")]
-    stream = Engine(Scripted(glued, tok.vocab_size), tok, RT).stream_text([tok.bos_id], max_tokens=40)
+    stream = Engine(Scripted(glued, tok.vocab_size), tok, RT).stream_text([tok.bos_id], Sampling(max_tokens=40))
     assert "".join(stream) == "Let me see. [6*7 = 42] So 42."
 
     cut = Engine(Scripted(tok.encode_ordinary("the cat sat"), tok.vocab_size), tok, RT).stream_text(
-        [tok.bos_id], max_tokens=3)
+        [tok.bos_id], Sampling(max_tokens=3))
     assert len("".join(cut)) > 0 and cut.finish_reason == "length" and len(cut.tokens) == 3
 
 
 def test_per_row_sampling_does_not_depend_on_the_rest_of_the_batch(tok):
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_model_config(ModelConfig(depth=2, aspect_ratio=32, head_dim=16, sequence_len=64),
-                                            tok.vocab_size))
+    model = GPT(ModelConfig(depth=2, aspect_ratio=32, head_dim=16, sequence_len=64), tok.vocab_size)
     engine = Engine(model, tok, RT)
     a, b = tok.encode("the cat"), tok.encode("on the mat. 2+3 is")
     sa = Sampling(max_tokens=12, temperature=1.0, top_k=50, seed=7)
     sb = Sampling(max_tokens=5, temperature=0.0)
-    together = engine.complete([a, b], sampling=[sa, sb])
+    together = engine.complete([a, b], [sa, sb])
     assert len(together[0]) <= 12 and len(together[1]) <= 5
-    alone_a = engine.complete([a], sampling=[sa])[0]
-    alone_b = engine.complete([b], max_tokens=5)[0]
+    alone_a = engine.complete([a], [sa])[0]
+    alone_b = engine.complete([b], Sampling(max_tokens=5))[0]
     assert together == [alone_a, alone_b]  # the same tokens with or without a neighbour in the batch
-    other_seed = engine.complete([a], sampling=[Sampling(max_tokens=12, temperature=1.0, top_k=50, seed=8)])[0]
+    other_seed = engine.complete([a], [Sampling(max_tokens=12, temperature=1.0, top_k=50, seed=8)])[0]
     assert other_seed != alone_a
     with pytest.raises(ValueError, match="2 sampling settings for 1 prompts"):
-        engine.complete([a], sampling=[sa, sb])
+        engine.complete([a], [sa, sb])
+
+
+def test_one_sampling_shares_one_random_stream_and_a_list_gives_each_row_its_own(tok):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(depth=2, aspect_ratio=32, head_dim=16, sequence_len=64), tok.vocab_size)
+    engine = Engine(model, tok, RT)
+    prompt, hot = tok.encode("the cat"), Sampling(max_tokens=16, temperature=1.5, seed=3)
+    shared = engine.complete([prompt] * 3, hot)
+    own = engine.complete([prompt] * 3, [hot] * 3)
+    assert len(set(map(tuple, shared))) > 1  # one stream: the rows draw different tokens
+    assert own == [own[0]] * 3 == [engine.complete([prompt], hot)[0]] * 3  # one stream each, all seeded alike
+    model.train()
+    engine.complete([prompt], Sampling(max_tokens=2))
+    assert model.training  # generation runs in eval mode and gives the model back as it was
+
+
+def test_reply_parsing_needs_only_the_tokenizer(tok):
+    sid = tok.special_id
+    reply = [*tok.encode_ordinary("it is "), sid("<|python_start|>"), *tok.encode_ordinary("2+3"),
+             sid("<|python_end|>"), sid("<|output_start|>"), *tok.encode_ordinary("5"), sid("<|output_end|>"),
+             *tok.encode_ordinary("."), sid("<|assistant_end|>")]
+    assert reply_parts(tok, reply) == [{"type": "text", "text": "it is "}, {"type": "python", "text": "2+3"},
+                                       {"type": "python_output", "text": "5"}, {"type": "text", "text": "."}]
+    text = ReplyText(tok)
+    assert "".join(text.feed(t) for t in reply) == "it is [2+3 = 5]." and text.finish_reason == "stop"
+    words = tok.encode_ordinary("the cat")
+    assert reply_text(tok, [*words, sid("<|assistant_end|>")]) == reply_text(tok, words) == "the cat"
+    assert reply_text(tok, [*words, tok.bos_id]) == "the cat"

@@ -6,9 +6,10 @@ import torch
 
 from nanochat.config import PRESETS, ConfigError, ModelConfig
 from nanochat.errors import NanochatError
-from nanochat.gpt import GPT, GPTConfig, apply_rotary, rotary_tables
+from nanochat.gpt import GPT, KVCache, apply_rotary, eval_mode, rotary_tables
 
-SMALL = dict(vocab_size=100, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, sequence_len=32)
+VOCAB = 100
+SMALL = dict(depth=2, aspect_ratio=32, head_dim=16, n_kv_head=2, sequence_len=32)  # 4 heads of 16: 64 wide
 VARIANTS = [  # (mlp, n_kv_head, qk_norm): each option on its own
     ("swiglu", 4, True), ("relu2", 4, True), ("swiglu", 2, True), ("swiglu", 1, True), ("swiglu", 4, False)]
 
@@ -17,7 +18,7 @@ def active_model(seed: int = 0, **overrides) -> GPT:
     """A small model with every weight random. At init the blocks are the identity (zero output
     projections) and logits are near zero, which would let wrong attention pass unnoticed."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(**{**SMALL, **overrides}))
+    model = GPT(ModelConfig(**{**SMALL, **overrides}), VOCAB)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(std=p.size(-1) ** -0.5)
@@ -26,7 +27,7 @@ def active_model(seed: int = 0, **overrides) -> GPT:
 
 
 def test_param_count_and_flops_equal_a_hand_count():
-    model = GPT(GPTConfig(**SMALL))  # vocab 100 → 128 rows; head_dim 16; SwiGLU hidden 8/3·64 → 192
+    model = GPT(ModelConfig(**SMALL), VOCAB)  # vocab 100 → 128 rows; head_dim 16; SwiGLU hidden 8/3·64 → 192
     wte = head = 128 * 64
     attn = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64  # q, k and v with 2 kv heads of 16, out projection
     mlp = 3 * 64 * 192
@@ -36,27 +37,61 @@ def test_param_count_and_flops_equal_a_hand_count():
     assert model.flops_per_token() == 6 * 106_496 + 2 * 3 * 2 * 2 * 32 * 64 == 688_128
     assert model.flops_per_token(seq_len=64) == 6 * 106_496 + 12 * 2 * 64 * 64
 
-    relu2 = GPT(GPTConfig(**{**SMALL, "mlp": "relu2", "n_kv_head": 4}))
+    relu2 = GPT(ModelConfig(**{**SMALL, "mlp": "relu2", "n_kv_head": 4}), VOCAB)
     assert relu2.num_params() == 2 * 128 * 64 + 2 * (4 * 64 * 64 + 2 * 64 * 256)
-    tied = GPT(GPTConfig(**{**SMALL, "tie_embeddings": True}))
+    tied = GPT(ModelConfig(**{**SMALL, "tie_embeddings": True}), VOCAB)
     assert tied.lm_head.weight is tied.wte.weight
     assert tied.num_params() == tied.num_params(exclude_embeddings=True) == 114_688 - wte  # head still a matmul
 
 
-def test_config_from_the_tiny_preset_and_validation():
-    cfg = GPTConfig.from_model_config(PRESETS["tiny"].model, vocab_size=8192)
-    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim) == (4, 128, 4, 4, 32)
-    assert (cfg.sequence_len, cfg.mlp, cfg.qk_norm, cfg.mlp_hidden) == (256, "swiglu", True, 384)
-    gqa = GPTConfig.from_model_config(ModelConfig(depth=20, n_kv_head=5), vocab_size=65537)
-    assert (gqa.n_embd, gqa.n_head, gqa.n_kv_head, gqa.padded_vocab_size) == (1280, 10, 5, 65600)
-    with pytest.raises(ConfigError, match="n_kv_head"):
-        GPTConfig(vocab_size=10, n_embd=64, n_head=4, n_kv_head=3)
+def test_model_from_the_tiny_preset_and_validation():
+    shape = PRESETS["tiny"].model
+    model = GPT(shape, vocab_size=8192)
+    assert model.config is shape and model.vocab_size == 8192  # the one config, not a copy
+    assert (shape.depth, shape.n_embd, shape.n_head, shape.kv_heads, shape.head_dim) == (4, 128, 4, 4, 32)
+    assert (shape.sequence_len, shape.mlp, shape.qk_norm, shape.mlp_hidden) == (256, "swiglu", True, 384)
+    assert len(model.blocks) == 4 and model.blocks[0].mlp.c_fc.weight.shape == (384, 128)
+    assert model.padded_vocab_size == 8192 and model.max_positions == 4 * 256
+    with torch.device("meta"):  # d20's shape without allocating its weights
+        gqa = GPT(ModelConfig(depth=20, n_kv_head=5), vocab_size=65537)
+    assert gqa.padded_vocab_size == 65600 and gqa.wte.weight.shape == gqa.lm_head.weight.shape == (65600, 1280)
+    assert gqa.blocks[0].attn.c_q.weight.shape == (10 * 128, 1280)
+    assert gqa.blocks[0].attn.c_k.weight.shape == (5 * 128, 1280)  # 5 kv heads shared by 10 query heads
+    # The shape's rules are ModelConfig's: a GPT is never built from an invalid one.
+    with pytest.raises(ConfigError, match="n-kv-head"):
+        ModelConfig(**{**SMALL, "n_kv_head": 3})
     with pytest.raises(ConfigError, match="even"):
-        GPTConfig(vocab_size=10, n_embd=60, n_head=4, n_kv_head=4)
+        ModelConfig(**{**SMALL, "head_dim": 15})
+
+
+def test_same_seed_same_weights_and_training_numbers_as_before():
+    """Numbers recorded with the model as it was before it was built from ModelConfig (GPTConfig):
+    the parameter names checkpoints hold, the initial weights a seed draws (module and init order),
+    and the training path's loss and gradients (is_causal attention, no mask)."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**SMALL), VOCAB)
+    per_block = ["attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_gate", "mlp.c_proj"]
+    assert list(model.state_dict()) == ["wte.weight", *[f"blocks.{i}.{name}.weight" for i in range(2)
+                                                         for name in per_block], "lm_head.weight"]
+    with torch.no_grad():
+        for got, want in [(model.wte.weight[5, :3], [-2.33018160, -1.01727808, 1.22618127]),
+                          (model.blocks[0].attn.c_v.weight[3, :3], [-0.07795545, -0.05169534, -0.12851351]),
+                          (model.blocks[1].mlp.c_gate.weight[0, :3], [0.01141287, -0.20230837, -0.00377587]),
+                          (model.lm_head.weight[7, :2], [-0.00057892, 0.00153671])]:
+            torch.testing.assert_close(got, torch.tensor(want), atol=1e-7, rtol=1e-6)
+    x = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(2))
+    assert model(x, x).item() == pytest.approx(4.606242656707764, rel=1e-6)
+
+    model = active_model().train()
+    loss = model(x, x.roll(-1, 1))
+    loss.backward()
+    assert loss.item() == pytest.approx(9.032028198242188, rel=1e-5)
+    assert model.blocks[0].attn.c_q.weight.grad.norm().item() == pytest.approx(1.5841827392578125, rel=1e-4)
+    assert model.wte.weight.grad.norm().item() == pytest.approx(5.544256687164307, rel=1e-4)
 
 
 def test_init_zero_output_projections_and_uniform_predictions():
-    model = GPT(GPTConfig(**SMALL))
+    model = GPT(ModelConfig(**SMALL), VOCAB)
     for block in model.blocks:
         assert not block.attn.c_proj.weight.any() and not block.mlp.c_proj.weight.any()
         assert block.attn.c_q.weight.std().item() == pytest.approx(64 ** -0.5, rel=0.1)
@@ -165,7 +200,32 @@ def test_kv_cache_chunked_prefill_and_overflow():
         with pytest.raises(NanochatError, match="KV cache full"):
             model(x[:, :1], kv_cache=cache)
     with pytest.raises(NanochatError, match="rotary positions"):
-        model.new_kv_cache(1, 10_000)
+        model.new_kv_cache(1, model.max_positions + 1)
+    with pytest.raises(NanochatError, match="longer than the model's 128 positions"):
+        model(torch.zeros(1, model.max_positions + 1, dtype=torch.long))
+
+
+def test_kv_cache_positions_and_mask():
+    # No pad slots: positions are the slots; the first chunk is causal, one token sees every slot.
+    cache = KVCache(1, 2, 1, 10, 4)
+    assert cache.positions_and_mask(4) == (slice(0, 4), None, True)
+    cache.pos = 4
+    assert cache.positions_and_mask(1) == (slice(4, 5), None, False)
+    positions, mask, is_causal = cache.positions_and_mask(3)  # a later chunk needs the explicit causal mask
+    assert positions.tolist() == [[[4, 5, 6]]] * 2 and not is_causal
+    assert mask.shape == (2, 1, 3, 7)
+    assert mask[0, 0].tolist() == [[True] * (5 + i) + [False] * (2 - i) for i in range(3)]
+
+    # Row 0 left-padded by 2: its positions start at its first real token and its pad slots are hidden,
+    # except from themselves (a softmax row with nothing to see would be NaN).
+    cache = KVCache(1, 2, 1, 10, 4, pad=torch.tensor([2, 0]))
+    positions, mask, is_causal = cache.positions_and_mask(4)
+    assert positions.tolist() == [[[0, 0, 0, 1]], [[0, 1, 2, 3]]] and not is_causal
+    assert mask[0, 0].int().tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
+    assert mask[1, 0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    cache.pos = 10
+    with pytest.raises(NanochatError, match="KV cache full"):
+        cache.positions_and_mask(1)
 
 
 def test_bf16_autocast_forward_backward_and_cache():
@@ -191,3 +251,13 @@ def test_compiled_bf16_matches_eager_on_cuda():
         compiled = torch.compile(model)(x, x)
     compiled.backward()
     torch.testing.assert_close(compiled, eager, atol=2e-2, rtol=2e-2)
+
+
+def test_eval_mode_restores_the_mode_it_found_even_on_an_exception():
+    model = active_model()
+    for training in (True, False):
+        model.train(training)
+        with pytest.raises(RuntimeError), eval_mode(model):
+            assert not model.training
+            raise RuntimeError("boom")
+        assert model.training is training

@@ -11,11 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 from nanochat.checkpoint import latest_checkpoint, read_meta
-from nanochat.config import ConfigError, ModelConfig, OptimConfig, TrainConfig, tokenizer_dir
+from nanochat.config import ConfigError, DeviceConfig, ModelConfig, OptimConfig, TrainConfig, tokenizer_dir
 from nanochat.data import offline
 from nanochat.errors import NanochatError
 from nanochat.runtime import init_runtime
 from nanochat.tokenizer import Tokenizer
+from nanochat.train import loop
 from nanochat.train import pretrain as pretrain_mod
 from nanochat.train.pretrain import pretrain
 
@@ -40,7 +41,7 @@ def corpus(tmp_path_factory):
 
 
 def config(corpus, run, **overrides):
-    base = dict(run=run, tokenizer="t", data=str(corpus), device="cpu", seed=3,
+    base = dict(run=run, tokenizer="t", data=str(corpus), runtime=DeviceConfig(device="cpu"), seed=3,
                 model=ModelConfig(depth=2, aspect_ratio=32, head_dim=32, sequence_len=32),
                 total_batch_tokens=2 * 4 * 32, micro_batch=4, max_steps=12, eval_every=0, save_every=4,
                 eval_tokens=1024, keep_last=5)
@@ -56,7 +57,7 @@ def final_weights(run_name):
 
 
 def interrupt_at(monkeypatch, call, exc=KeyboardInterrupt, nan=False):
-    real = pretrain_mod.train_step
+    real = loop.train_step
     calls = {"n": 0}
 
     def wrapped(*args, **kwargs):
@@ -68,7 +69,7 @@ def interrupt_at(monkeypatch, call, exc=KeyboardInterrupt, nan=False):
             raise exc()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pretrain_mod, "train_step", wrapped)
+    monkeypatch.setattr(loop, "train_step", wrapped)
 
 
 def test_resume_after_interruption_is_bitwise_identical(corpus, monkeypatch):
@@ -94,7 +95,19 @@ def test_nan_loss_stops_cleanly_keeping_the_last_checkpoint(corpus, monkeypatch)
     assert read_meta(last)["final"] is False  # intact and verified
 
 
+def test_a_failing_step_closes_the_logger_and_the_loader(corpus, monkeypatch):
+    closed = []
+    for cls, name in ((loop.MetricsLogger, "logger"), (pretrain_mod.DataLoader, "loader")):
+        monkeypatch.setattr(cls, "close", lambda self, real=cls.close, name=name: (closed.append(name), real(self)))
+    interrupt_at(monkeypatch, call=2, exc=RuntimeError)
+    with pytest.raises(RuntimeError):
+        pretrain(config(corpus, "failing"), RT)
+    assert sorted(closed) == ["loader", "logger"]
+
+
 def test_refusals_name_the_fix(corpus):
+    with pytest.raises(NanochatError, match="--resume: run 'fresh' has no base checkpoint"):
+        pretrain(config(corpus, "fresh", resume=True), RT)
     with pytest.raises(NanochatError, match="nanochat tokenizer train"):
         pretrain(config(corpus, "x", tokenizer="missing"), RT)
     with pytest.raises(ConfigError, match="--micro-batch"):

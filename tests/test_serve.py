@@ -18,8 +18,10 @@ import pytest
 import torch
 from torch import nn
 
+from nanochat.chat_format import render_for_completion
 from nanochat.cli import main
-from nanochat.engine import Engine, ModelSource, load_engine
+from nanochat.config import DeviceConfig, ModelSource
+from nanochat.engine import Engine, load_engine
 from nanochat.runtime import init_runtime
 from nanochat.serve.app import STATIC, cli, create_app
 from tests._chat_model import chat_model_home
@@ -43,7 +45,7 @@ def model(home):
     """(engine, name) over the small untrained GPT; its context is 4 × 128 = 512 positions."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NANOCHAT_HOME", str(home))
-        return load_engine(ModelSource(run="t", device="cpu"), RT)
+        return load_engine(ModelSource(run="t", runtime=DeviceConfig(device="cpu")), RT)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,7 @@ class Script(nn.Module):
     def __init__(self, script: list[int], vocab: int, gated: bool = False, fail_once: bool = False):
         super().__init__()
         self.script, self.vocab, self.fail_once = script, vocab, fail_once
-        self.register_buffer("cos", torch.zeros(512, 1))
+        self.max_positions = 512
         self.permits = threading.Semaphore(0) if gated else None
         self.entered = threading.Event()
         self.replies: list[int] = []
@@ -117,7 +119,7 @@ def assert_openai_error(response, status: int) -> dict:
 def test_openai_client_stream_matches_non_stream(server, model):
     engine, name = model
     client = openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
-    prompt_tokens = len(engine.tok.render_for_completion(HELLO))
+    prompt_tokens = len(render_for_completion(engine.tok, HELLO))
     for sampling in ({"temperature": 0}, {"temperature": 0.9, "seed": 7, "top_p": 0.95, "extra_body": {"top_k": 50}}):
         full = client.chat.completions.create(model=name, messages=HELLO, max_tokens=12, **sampling)
         choice, usage = full.choices[0], full.usage
@@ -148,7 +150,7 @@ def test_openai_client_exact_reply_and_usage(model):
         assert full.choices[0].message.content == "Hi! Café 日本語."
         assert full.choices[0].finish_reason == "stop"
         assert full.usage.completion_tokens == len(stand_in.script)  # the text and <|assistant_end|>
-        assert full.usage.prompt_tokens == len(engine.tok.render_for_completion(HELLO))
+        assert full.usage.prompt_tokens == len(render_for_completion(engine.tok, HELLO))
         short = client.chat.completions.create(model="scripted", messages=HELLO, max_tokens=3)
         assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
         assert [m.id for m in client.models.list()] == ["scripted"]
@@ -208,7 +210,7 @@ def test_malformed_requests_get_openai_errors_and_the_server_keeps_serving(serve
 
 def test_prompt_plus_max_tokens_over_the_context_is_refused(server, model):
     engine, _ = model
-    prompt_tokens = len(engine.tok.render_for_completion(HELLO))
+    prompt_tokens = len(render_for_completion(engine.tok, HELLO))
     with httpx2.Client(base_url=server, headers=AUTH, timeout=WAIT_S) as client:
         error = assert_openai_error(client.post(CHAT, json=request(max_tokens=513 - prompt_tokens)), 400)
         assert "512" in error["message"] and f"{prompt_tokens} tokens" in error["message"], error

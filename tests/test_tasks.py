@@ -1,5 +1,6 @@
 """Chat tasks: determinism, rendering and loss masks, held-out splits, mixtures, the spec parser,
-and the online loaders on parquet fixtures in the published schemas (download stubbed)."""
+and the online loaders on parquet fixtures in the published schemas (download stubbed). The
+evaluation-only tasks' loaders are tested with their scoring, in test_chat_eval.py."""
 
 import re
 import warnings
@@ -9,6 +10,7 @@ import pyarrow as pa
 import pytest
 from _hub_stub import stub_hub
 
+from nanochat.chat_format import render_conversation
 from nanochat.data.offline import is_validation
 from nanochat.errors import NanochatError
 from nanochat.tasks import (
@@ -16,6 +18,7 @@ from nanochat.tasks import (
     MMLU,
     OFFLINE_MIDTRAIN,
     OFFLINE_SFT,
+    OFFLINE_TASKS,
     TASKS,
     ArithmeticTask,
     IdentityTask,
@@ -23,8 +26,10 @@ from nanochat.tasks import (
     SmolTalk,
     SpellingTask,
     Task,
+    WikiMC,
     WikiTask,
     build_mixture,
+    build_task,
     hub,
     parse_spec,
     wiki_eval_items,
@@ -35,7 +40,7 @@ from nanochat.tasks.identity import TOPICS, questions
 from nanochat.tasks.wiki import articles, sentences
 from nanochat.tokenizer import Tokenizer
 
-OFFLINE = [IdentityTask, WikiTask, SpellingTask, ArithmeticTask]
+OFFLINE = [IdentityTask, WikiTask, SpellingTask, ArithmeticTask, WikiMC]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +86,7 @@ def expected_learned(conversation: dict) -> str:
 
 def check_renders(tok, conversations):
     for conv in conversations:
-        ids, mask = tok.render_conversation(conv["messages"])
+        ids, mask = render_conversation(tok, conv["messages"])
         assert len(ids) == len(mask) and 0 < sum(mask) < len(mask)
         learned = "".join(text for is_learned, text in spans(tok, ids, mask) if is_learned)
         assert learned == expected_learned(conv)
@@ -105,7 +110,7 @@ def test_offline_task_is_deterministic_and_renders(cls, tok):
     check_renders(tok, sample(a) + sample(val, 10))
 
 
-@pytest.mark.parametrize("cls", [IdentityTask, SpellingTask, ArithmeticTask, WikiTask])
+@pytest.mark.parametrize("cls", [IdentityTask, SpellingTask, ArithmeticTask, WikiTask, WikiMC])
 def test_seed_changes_the_conversations(cls):
     assert sample(cls("train", seed=0)) != sample(cls("train", seed=1))
 
@@ -113,6 +118,26 @@ def test_seed_changes_the_conversations(cls):
 def test_unknown_split_is_refused():
     with pytest.raises(NanochatError, match="unknown split"):
         ArithmeticTask("dev")
+
+
+def test_every_task_is_registered_and_test_sets_have_no_train_split():
+    assert set(OFFLINE_TASKS) <= set(TASKS) and {cls.name for cls in OFFLINE} == set(OFFLINE_TASKS)
+    assert {"arc_easy", "arc_challenge", "mmlu_test", "humaneval", "wiki_mc"} <= set(TASKS)
+    assert all(TASKS[name].name == name for name in TASKS)
+    for name in ("mmlu_test", "humaneval"):  # refused before any download is tried
+        with pytest.raises(NanochatError, match=f"'{name}' is a test set.*no train split"):
+            build_task(name, "train")
+        with pytest.raises(NanochatError, match="no train split"):
+            build_mixture(f"wiki,{name}", "train", 0)
+
+
+def test_wiki_multiple_choice_carries_its_choices_and_answer(tok):
+    val = build_task("wiki_mc", "val")
+    for conv in sample(val, 50):
+        (user, assistant), choices, answer = conv["messages"], conv["choices"], conv["answer"]
+        assert assistant["content"] == "ABCD"[answer] and len(choices) == 4
+        assert all(f"{'ABCD'[k]}. {choice}" in user["content"] for k, choice in enumerate(choices))
+    check_renders(tok, sample(val, 10))  # the letter alone is learned
 
 
 def test_calculator():
@@ -137,7 +162,7 @@ def test_arithmetic_mask_covers_the_call_not_the_output(tok):
         value = eval(expression)  # the test's own check: plain Python on a trusted expression
         assert float(output) == value and output == calculate(expression)
         assert assistant["content"][3]["text"] == f"The answer is {output}."
-        runs = spans(tok, *tok.render_conversation(conv["messages"]))
+        runs = spans(tok, *render_conversation(tok, conv["messages"]))
         assert (True, f"<|python_start|>{expression}<|python_end|>") in [
             (learned, text[text.find("<|python_start|>"):]) for learned, text in runs if learned]
         forced = [text for learned, text in runs if not learned and "<|output_start|>" in text]
@@ -348,7 +373,7 @@ def test_smoltalk_reads_the_published_schema(hub_stub, tok, tmp_path):
     assert first[0] == {"role": "system", "content": "You are a helpful assistant."} and len(first) == 5
     assert [m["role"] for m in second] == ["user", "assistant"]  # the unanswered last turn is dropped
     check_renders(tok, list(test))
-    ids, _ = tok.render_conversation(first)
+    ids, _ = render_conversation(tok, first)
     assert tok.decode(ids).startswith("<|bos|><|user_start|>You are a helpful assistant.\n\nWrite a haiku")
     assert len(SmolTalk("train")) == 8 and len(hub_stub) == 5
     SmolTalk("test")
@@ -401,3 +426,6 @@ def test_offline_without_cache_names_the_fix(tmp_path, monkeypatch):
     for cls, name in ((SmolTalk, "smoltalk"), (MMLU, "mmlu"), (GSM8K, "gsm8k")):
         with pytest.raises(NanochatError, match=f"Connect to the internet.*leave '{name}' out"):
             cls("train")
+    for name in ("arc_easy", "arc_challenge", "mmlu_test", "humaneval"):
+        with pytest.raises(NanochatError, match=f"Connect to the internet.*leave '{name}' out.*wiki_mc"):
+            build_task(name, "test")

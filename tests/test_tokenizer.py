@@ -1,5 +1,5 @@
 """The tokenizer equals tiktoken token for token, trains like a plain reference BPE, and keeps
-tiktoken's special-token rules, file format and the chat format's loss mask."""
+tiktoken's special-token rules, file format and the chat format's loss mask (nanochat.chat_format)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nanochat import _bpe
+from nanochat.chat_format import render_conversation, render_for_completion
 from nanochat.tokenizer import (
     OFFICIAL,
     SPECIAL_TOKENS,
@@ -333,7 +334,7 @@ def test_render_conversation_masks_exactly_what_the_assistant_writes():
         {"role": "user", "content": "Thanks"},
         {"role": "assistant", "content": "You're welcome."},
     ]
-    ids, mask = tok.render_conversation(messages)
+    ids, mask = render_conversation(tok, messages)
     assert len(ids) == len(mask) and ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
     assert _learned_text(tok, ids, mask) == ("Let me check.<|python_start|>2+2<|python_end|>It is 4.<|assistant_end|>"
                                              "You're welcome.<|assistant_end|>")
@@ -343,17 +344,17 @@ def test_render_conversation_masks_exactly_what_the_assistant_writes():
         "<|user_start|>Thanks<|user_end|><|assistant_start|>You're welcome.<|assistant_end|>")
     for token in ("<|assistant_start|>", "<|output_start|>", "<|output_end|>", "<|user_start|>"):
         assert all(m == 0 for i, m in zip(ids, mask, strict=True) if i == s[token])
-    short_ids, short_mask = tok.render_conversation(messages, max_tokens=10)
+    short_ids, short_mask = render_conversation(tok, messages, max_tokens=10)
     assert short_ids == ids[:10] and short_mask == mask[:10]
 
 
 def test_render_for_completion_appends_assistant_start():
     tok = trained()
     messages = [{"role": "user", "content": "Hi"}]
-    ids = tok.render_for_completion(messages)
-    assert ids == tok.render_conversation(messages)[0] + [tok.special_tokens["<|assistant_start|>"]]
+    ids = render_for_completion(tok, messages)
+    assert ids == render_conversation(tok, messages)[0] + [tok.special_tokens["<|assistant_start|>"]]
     with pytest.raises(TokenizerError, match="last message"):
-        tok.render_for_completion(messages + [{"role": "assistant", "content": "Hello"}])
+        render_for_completion(tok, messages + [{"role": "assistant", "content": "Hello"}])
 
 
 @pytest.mark.parametrize("messages, match", [
@@ -366,4 +367,4 @@ def test_render_for_completion_appends_assistant_start():
 ])
 def test_malformed_conversations_are_refused(messages, match):
     with pytest.raises(TokenizerError, match=match):
-        trained().render_conversation(messages)
+        render_conversation(trained(), messages)

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from nanochat.tokenizer import Tokenizer, TokenizerError, cli
+from nanochat.tokenizer import Tokenizer, TokenizerError
+from nanochat.train.tokenizer import cli
 
 
 @pytest.fixture

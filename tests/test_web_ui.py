@@ -26,6 +26,13 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse, StreamingResponse
 from torch import nn
 
+from nanochat.chat_format import render_for_completion
+from nanochat.config import ModelSource
+from nanochat.engine import Engine, load_engine
+from nanochat.runtime import init_runtime
+from nanochat.serve.app import create_app
+from nanochat.tokenizer import Tokenizer
+from tests._chat_model import TEXT, make_chat_model
 from tests._server import serving
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -197,7 +204,7 @@ class ScriptedChat(nn.Module):
 
     def __init__(self, tok, replies: list[list[int]], holds: dict[int, int] | None = None):
         super().__init__()
-        self.register_buffer("cos", torch.zeros(1024, 1))  # the engine reads the context length here
+        self.max_positions = 1024  # the engine reads the context length here
         self.vocab, self.replies, self.holds = tok.vocab_size, replies, holds or {}
         self.prompts: list[list[int]] = []
         self.pos = 0
@@ -225,9 +232,6 @@ class ScriptedChat(nn.Module):
 
 @pytest.fixture(scope="module")
 def tok():
-    from nanochat.tokenizer import Tokenizer
-    from tests._chat_model import TEXT
-
     return Tokenizer.train([TEXT], 300)
 
 
@@ -260,10 +264,6 @@ def recording(app, bodies: list[dict]):
 
 
 def serve_page(engine_model, tok, name="scripted/sft@1", **kwargs):
-    from nanochat.engine import Engine
-    from nanochat.runtime import init_runtime
-    from nanochat.serve.app import create_app
-
     bodies: list[dict] = []
     app = create_app(Engine(engine_model, tok, init_runtime(device="cpu")), name, **kwargs)
     return serving(recording(app, bodies)), bodies
@@ -329,7 +329,7 @@ def test_chat_streams_replies_multi_turn_regenerate_and_new_chat(driver, tok):
         turns = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": first},
                  {"role": "user", "content": "line one\nline two"}]
         assert bodies[1]["messages"] == turns and bodies[1]["stream"] is True
-        assert model.prompts[1] == tok.render_for_completion(turns)
+        assert model.prompts[1] == render_for_completion(tok, turns)
 
         # regenerate asks the last question again and replaces the last reply
         driver.find_element(By.ID, "regenerate").click()
@@ -452,11 +452,6 @@ def test_api_key_401_is_shown_and_the_key_is_kept(driver, tok):
 def test_chat_with_a_real_untrained_model(driver, tmp_path, monkeypatch):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-
-    from nanochat.engine import ModelSource, load_engine
-    from nanochat.runtime import init_runtime
-    from nanochat.serve.app import create_app
-    from tests._chat_model import make_chat_model
 
     monkeypatch.setenv("NANOCHAT_HOME", str(tmp_path))
     make_chat_model(run="t", tokenizer="t")

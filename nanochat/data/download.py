@@ -3,7 +3,8 @@
 `huggingface_hub` does the transfer (resuming partial files, checking LFS checksums); this module
 picks the shards, downloads several at once, checks that each is a readable parquet file with the
 text column, and retries a damaged one once. Shards already present and valid are skipped, so an
-interrupted download is resumed by running the same command again.
+interrupted download is resumed by running the same command again. (The CORE eval bundle, a
+zip over plain HTTPS, has its own download beside its format, in data/core_bundle.py.)
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import pyarrow.parquet as pq
 from huggingface_hub import hf_hub_download
 from huggingface_hub.utils import disable_progress_bars
 
-from nanochat.config import CORE_BUNDLE_URL
 from nanochat.data.sources import DataError
 from nanochat.metrics import progress
 
@@ -70,57 +70,3 @@ def download_shards(
         for future in progress(as_completed(futures), total=len(futures), desc="shards", unit="shard"):
             paths[futures[future]] = future.result()
     return [paths[name] for name in names]
-
-
-# ---------------------------------------------------------------------------------------------
-# The CORE eval bundle: one zip (core.yaml, eval_meta_data.csv, eval_data/) served over plain HTTPS
-
-
-def download_core_bundle(dest: Path, url: str = CORE_BUNDLE_URL, force: bool = False) -> Path:
-    """Download the eval bundle zip and unpack it into `dest`, which is replaced only once the new
-    bundle has been unpacked and validated: a failed or corrupt download never costs the old one.
-    The zip is kept as `<dest>.zip.part` while incomplete, so running again resumes it."""
-    import shutil
-    import zipfile
-
-    from huggingface_hub.file_download import http_get
-
-    from nanochat.evaluate.core import load_bundle
-
-    if (dest / "core.yaml").is_file() and not force:
-        load_bundle(dest)  # present: only check it (a damaged one says how to fix it)
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".zip.part")
-    try:
-        with open(part, "ab") as f:
-            http_get(url, f, resume_size=f.tell(), displayed_filename=url.rsplit("/", 1)[-1])
-    except Exception as e:
-        raise DataError(f"could not download the CORE eval bundle from {url}: {e}; run the same command "
-                        "again to resume, or pass --url") from e
-    unpacked = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(unpacked, ignore_errors=True)
-    try:
-        with zipfile.ZipFile(part) as z:
-            for name in z.namelist():  # a hostile archive must not write outside its folder
-                target = (unpacked / name).resolve()
-                if not target.is_relative_to(unpacked.resolve()):
-                    raise DataError(f"the CORE bundle from {url} holds a path outside the bundle: {name!r}")
-            z.extractall(unpacked)
-    except zipfile.BadZipFile:
-        part.unlink()
-        raise DataError(f"the download from {url} is not a zip file; it was deleted, run again to retry") from None
-    roots = sorted(p.parent for p in unpacked.rglob("core.yaml"))
-    if not roots:
-        shutil.rmtree(unpacked)
-        raise DataError(f"the zip from {url} holds no core.yaml; is it the DCLM / nanochat eval bundle?")
-    load_bundle(roots[0])  # refuse a bundle CORE could not read, before it replaces anything
-    old = dest.with_name(dest.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        dest.rename(old)
-    roots[0].rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(unpacked, ignore_errors=True)
-    part.unlink()
-    return dest

@@ -20,6 +20,7 @@ from typing import Literal
 import pyarrow.parquet as pq
 
 from nanochat.config import home
+from nanochat.data.offline import build_offline_corpus
 from nanochat.errors import NanochatError
 
 Split = Literal["train", "val"]
@@ -142,8 +143,6 @@ def resolve_source(spec: str, text_field: str = "text", skip_bad: bool = False) 
     """`offline` (the bundled Wikipedia summaries, built on first use), `fineweb` (downloaded
     shards under NANOCHAT_HOME/data/fineweb-edu), or a path to a folder of files."""
     if spec == "offline":
-        from nanochat.data.offline import build_offline_corpus
-
         return folder_source(build_offline_corpus(), "text", skip_bad)
     if spec == "fineweb":
         folder = home() / "data" / "fineweb-edu"

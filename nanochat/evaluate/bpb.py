@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from nanochat.gpt import eval_mode
 from nanochat.runtime import Runtime
 
 
@@ -35,17 +36,15 @@ def evaluate_bpb(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
     """Bits per byte over `batches` (all ranks' batches together under torchrun)."""
     nats = torch.zeros((), device=rt.device, dtype=torch.float64)
     n_bytes = torch.zeros((), device=rt.device, dtype=torch.int64)
-    was_training = model.training
-    model.eval()
-    for i, (x, y) in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
-        y_bytes = token_bytes[y.clamp(min=0)] * (y != -1)
-        y = y.masked_fill(y_bytes == 0, -1)
-        with rt.autocast():
-            nats += model(x, y, loss_reduction="sum").double()
-        n_bytes += y_bytes.sum()
-    model.train(was_training)
+    with eval_mode(model):
+        for i, (x, y) in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            y_bytes = token_bytes[y.clamp(min=0)] * (y != -1)
+            y = y.masked_fill(y_bytes == 0, -1)
+            with rt.autocast():
+                nats += model(x, y, loss_reduction="sum").double()
+            n_bytes += y_bytes.sum()
     if dist.is_initialized():
         dist.all_reduce(nats)
         dist.all_reduce(n_bytes)

@@ -1,23 +1,25 @@
 """Chat evaluations: how well a chat model (after midtraining or SFT) answers held-out tasks.
 
-Two kinds of task:
-  multiple choice  the question and lettered choices as a user message (the MMLU task's
-                   rendering); the model's answer is the choice whose letter it finds most likely
-                   as the first token of its reply, among the valid letters. No generation, and
-                   no penalty for a model that would have written the letter in another format.
-                   Baseline (guessing): 1 / number of choices.
+The questions are tasks of nanochat.tasks, read through the Task interface (each task's held-out
+split, in its own order); this module only scores them. CHAT_TASKS names each evaluation, the
+task it reads and how it is scored. Two kinds:
+  multiple choice  a `multiple_choice` conversation (tasks/multiple_choice.py): the prompt is its
+                   user message with the lettered choices, and the model's answer is the choice
+                   whose letter it finds most likely as the first token of its reply, among the
+                   valid letters. No generation, and no penalty for a model that would have
+                   written the letter in another format. Baseline (guessing): 1 / number of choices.
   generative       a greedy reply from the engine (stopped at <|assistant_end|>), scored by exact
-                   match of its final answer; HumanEval by running the code against the task's
-                   tests in the sandbox. Baseline 0. Tool calls (<|python_start|>expr<|python_end|>)
-                   are executed by the engine, which forces their output into the reply, as in
-                   chat; this module only generates and scores (`generate` swaps the generation).
+                   match of its final answer against the conversation's own reply; HumanEval by
+                   running the code against the problem's tests in the sandbox. Baseline 0. Tool
+                   calls (<|python_start|>expr<|python_end|>) are executed by the engine, which
+                   forces their output into the reply, as in chat (`generate` swaps the generation).
 
 ChatCORE is the mean over the tasks run of the centered accuracy, (accuracy - baseline) /
 (1 - baseline): 0 for guessing, 1 for perfect.
 
-Offline tasks (no network): wiki_mc (which description fits a held-out Wikipedia article?),
-spelling and arithmetic (their held-out splits). Online (downloaded once from the Hugging Face
-hub): arc_easy, arc_challenge, mmlu (the "all" test set), gsm8k, humaneval.
+Offline evaluations (no network): wiki_mc (which description fits a held-out Wikipedia
+article?), spelling and arithmetic. Online (downloaded once from the Hugging Face hub):
+arc_easy, arc_challenge, mmlu (the task mmlu_test: all 57 subjects), gsm8k, humaneval.
 """
 
 from __future__ import annotations
@@ -30,32 +32,32 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nanochat.engine import Engine
+from nanochat.chat_format import render_for_completion, reply_text
+from nanochat.engine import Engine, Sampling
 from nanochat.evaluate.sandbox import run_program
+from nanochat.gpt import eval_mode
 from nanochat.metrics import progress
 from nanochat.runtime import Runtime
+from nanochat.tasks import build_task
 from nanochat.tasks.base import TaskError, rng
 from nanochat.tasks.gsm8k import extract_answer
-from nanochat.tasks.hub import fetch, read_parquet
-from nanochat.tasks.mmlu import LETTERS, multiple_choice
+from nanochat.tasks.multiple_choice import LETTERS
 from nanochat.tokenizer import Tokenizer
 
-# (question, choices, index of the right choice, subject or "")
-MCItem = tuple[str, list[str], int, str]
 # token-id prompts -> token-id replies
 Generate = Callable[[list[list[int]]], list[list[int]]]
 
 OFFLINE_CHAT_TASKS = ("wiki_mc", "spelling", "arithmetic")
-WIKI_DISTRACTORS = 3
+
+
+def prompt_ids(tok: Tokenizer, conversation: dict) -> list[int]:
+    """A conversation's prompt: every message before the assistant's last reply, then
+    <|assistant_start|>."""
+    return render_for_completion(tok, conversation["messages"][:-1])
+
 
 # ---------------------------------------------------------------------------------------------
-# Multiple choice
-
-
-def mc_prompt(tok: Tokenizer, question: str, choices: Sequence[str], subject: str = "") -> list[int]:
-    """The prompt for a multiple-choice question, ending with <|assistant_start|>."""
-    user = multiple_choice(question, list(choices), 0, subject)["messages"][0]
-    return tok.render_for_completion([user])
+# Multiple choice: conversations with `choices` and `answer` (the gold index)
 
 
 def letter_ids(tok: Tokenizer, n: int) -> list[list[int]]:
@@ -71,101 +73,36 @@ def letter_ids(tok: Tokenizer, n: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def mc_predictions(model: nn.Module, tok: Tokenizer, items: Sequence[MCItem], rt: Runtime,
+def mc_predictions(model: nn.Module, tok: Tokenizer, conversations: Sequence[dict], rt: Runtime,
                    batch_size: int = 16) -> list[int]:
-    """The index of the choice the model picks for each item: the valid letter (any of its
-    forms) with the highest logit right after <|assistant_start|>."""
-    was_training = model.training
-    model.eval()
-    letters = {n: letter_ids(tok, n) for n in {len(item[1]) for item in items}}
+    """The index of the choice the model picks for each conversation: the valid letter (any of
+    its forms) with the highest logit right after <|assistant_start|>."""
+    letters = {n: letter_ids(tok, n) for n in {len(c["choices"]) for c in conversations}}
     picks = []
-    for start in range(0, len(items), batch_size):
-        batch = items[start:start + batch_size]
-        prompts = [mc_prompt(tok, q, choices, subject) for q, choices, _, subject in batch]
-        width = max(map(len, prompts))
-        # right padding: with causal attention it cannot change the logits at each prompt's end
-        idx = torch.tensor([p + [tok.bos_id] * (width - len(p)) for p in prompts], device=rt.device)
-        with rt.autocast():
-            logits = model(idx)
-        last = logits[torch.arange(len(prompts)), torch.tensor([len(p) - 1 for p in prompts])].float().cpu()
-        for row, (_, choices, _, _) in zip(last, batch, strict=True):
-            scores = [row[ids].max().item() for ids in letters[len(choices)]]
-            picks.append(max(range(len(scores)), key=scores.__getitem__))
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(conversations), batch_size):
+            batch = conversations[start:start + batch_size]
+            prompts = [prompt_ids(tok, c) for c in batch]
+            width = max(map(len, prompts))
+            # right padding: with causal attention it cannot change the logits at each prompt's end
+            idx = torch.tensor([p + [tok.bos_id] * (width - len(p)) for p in prompts], device=rt.device)
+            with rt.autocast():
+                logits = model(idx)
+            last = logits[torch.arange(len(prompts)), torch.tensor([len(p) - 1 for p in prompts])].float().cpu()
+            for row, c in zip(last, batch, strict=True):
+                scores = [row[ids].max().item() for ids in letters[len(c["choices"])]]
+                picks.append(max(range(len(scores)), key=scores.__getitem__))
     return picks
 
 
-def mc_accuracy(model: nn.Module, tok: Tokenizer, items: Sequence[tuple], rt: Runtime) -> float:
-    """Share of items [(question, choices, gold_index) or (..., subject)] answered right."""
-    items = [_mc_item(item) for item in items]
-    picks = mc_predictions(model, tok, items, rt)
-    return sum(p == item[2] for p, item in zip(picks, items, strict=True)) / max(len(items), 1)
-
-
-def _mc_item(item: tuple) -> MCItem:
-    question, choices, gold = item[:3]
-    return question, list(choices), int(gold), item[3] if len(item) > 3 else ""
+def mc_accuracy(model: nn.Module, tok: Tokenizer, conversations: Sequence[dict], rt: Runtime) -> float:
+    """Share of multiple-choice conversations answered right."""
+    picks = mc_predictions(model, tok, conversations, rt)
+    return sum(p == c["answer"] for p, c in zip(picks, conversations, strict=True)) / max(len(conversations), 1)
 
 
 # ---------------------------------------------------------------------------------------------
-# Multiple-choice data
-
-ARC_REPO, ARC_FILES = "allenai/ai2_arc", {"arc_easy": "ARC-Easy/test-00000-of-00001.parquet",
-                                          "arc_challenge": "ARC-Challenge/test-00000-of-00001.parquet"}
-MMLU_REPO, MMLU_TEST = "cais/mmlu", "all/test-00000-of-00001.parquet"
-
-
-def load_arc(name: str = "arc_easy") -> list[MCItem]:
-    """ARC-Easy or ARC-Challenge test questions (columns question, choices {text, label},
-    answerKey); labels ("A".."E" or "1".."5") are shown as letters A, B, ..."""
-    table = read_parquet(fetch("arc", ARC_REPO, [ARC_FILES[name]]), ["question", "choices", "answerKey"])
-    items = []
-    for row in table.to_pylist():
-        labels, texts = row["choices"]["label"], row["choices"]["text"]
-        if row["answerKey"] not in labels:
-            raise TaskError(f"ARC question {row['question'][:60]!r} has answer {row['answerKey']!r}, not one of "
-                            f"its labels {labels}: delete the file and run again to download it afresh")
-        items.append((row["question"], texts, labels.index(row["answerKey"]), ""))
-    return items
-
-
-def load_mmlu() -> list[MCItem]:
-    """MMLU's 14k test questions, all 57 subjects (cais/mmlu "all": question, subject, choices, answer)."""
-    table = read_parquet(fetch("mmlu", MMLU_REPO, [MMLU_TEST]), ["question", "subject", "choices", "answer"])
-    return [(r["question"], r["choices"], r["answer"], r["subject"] or "") for r in table.to_pylist()]
-
-
-def wiki_mc_items(seed: int = 0) -> list[MCItem]:
-    """"Which description fits X?" for every held-out Wikipedia article with a description: its
-    own and WIKI_DISTRACTORS others' from held-out articles in the same language, in an order
-    drawn from `seed`."""
-    from nanochat.tasks.wiki import articles
-
-    pool = [a for a in articles("val") if a["description"].strip()]
-    by_lang: dict[str, list[dict]] = {}
-    for a in pool:
-        by_lang.setdefault(a["lang"], []).append(a)
-    items = []
-    for a in pool:
-        r = rng("wiki-mc", seed, a["lang"], a["title"])
-        truth = _description(a)
-        others = sorted({_description(b) for b in by_lang[a["lang"]]} - {truth})
-        if len(others) < WIKI_DISTRACTORS:
-            continue
-        choices = r.sample(others, WIKI_DISTRACTORS) + [truth]
-        r.shuffle(choices)
-        items.append((f"Which description fits {a['title']}?", choices, choices.index(truth), ""))
-    rng("wiki-mc", seed).shuffle(items)  # languages mixed, so that the first max_items are a fair sample
-    return items
-
-
-def _description(article: dict) -> str:
-    text = article["description"].replace("\xa0", " ").strip()
-    return text[:1].upper() + text[1:]
-
-
-# ---------------------------------------------------------------------------------------------
-# Generative tasks: (question, reference) items and a score(reply, reference) -> bool
+# Generative scoring: score(reply, reference) -> bool, the reference taken from the conversation
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _SPELLED = re.compile(r"\b[a-z](?:-[a-z])+\b")
@@ -181,7 +118,8 @@ def _same_number(a: float | str | None, b: float | str | None) -> bool:
     return a is not None and b is not None and float(a) == float(b)
 
 
-def _assistant_text(conversation: dict) -> str:
+def assistant_text(conversation: dict) -> str:
+    """The text of a conversation's last reply (tool-call parts included, as the model writes them)."""
     content = conversation["messages"][-1]["content"]
     return content if isinstance(content, str) else "".join(p["text"] for p in content)
 
@@ -223,23 +161,8 @@ def score_humaneval(reply: str, problem: dict) -> bool:
     return run_program(humaneval_program(problem, reply), timeout_s=10.0).passed
 
 
-def _task_items(name: str, max_items: int | None) -> list[tuple[str, str]]:
-    from nanochat.tasks import build_task
-
-    task = build_task(name, "val")
-    n = len(task) if max_items is None else min(len(task), max_items)
-    return [(c["messages"][0]["content"], _assistant_text(c)) for c in (task[i] for i in range(n))]
-
-
-HUMANEVAL_REPO, HUMANEVAL_FILE = "openai/openai_humaneval", "openai_humaneval/test-00000-of-00001.parquet"
-
-
-def load_humaneval() -> list[tuple[str, dict]]:
-    """HumanEval's 164 problems (task_id, prompt, canonical_solution, test, entry_point) as
-    (user message, problem) items."""
-    table = read_parquet(fetch("humaneval", HUMANEVAL_REPO, [HUMANEVAL_FILE]),
-                         ["task_id", "prompt", "canonical_solution", "test", "entry_point"])
-    return [(f"Complete this Python function.\n\n```python\n{p['prompt']}```", p) for p in table.to_pylist()]
+def humaneval_problem(conversation: dict) -> dict:
+    return conversation["problem"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,30 +171,33 @@ def load_humaneval() -> list[tuple[str, dict]]:
 
 @dataclass(frozen=True)
 class ChatTask:
+    task: str  # the name of the task in nanochat.tasks.TASKS; its held-out split is evaluated
     kind: str  # "mc" or "generative"
-    load: Callable[[int | None], list]  # max_items -> items (MCItem, or (question, reference))
     score: Callable[[str, object], bool] | None = None  # generative: (reply, reference) -> correct
     max_new_tokens: int = 256
+    reference: Callable[[dict], object] = assistant_text  # generative: conversation -> what score compares with
+    shuffle: str = ""  # a seed key for tasks sorted by topic; see load
 
-
-def _first(items: list, max_items: int | None, shuffle: str = "") -> list:
-    """The first max_items items; for a file sorted by topic (`shuffle` = a seed key), after a
-    fixed shuffle, so that a few items are a fair sample of all topics."""
-    if shuffle and max_items is not None and max_items < len(items):
-        items = list(items)
-        rng(shuffle).shuffle(items)
-    return items if max_items is None else items[:max_items]
+    def load(self, max_items: int | None = None) -> list[dict]:
+        """The conversations to evaluate: the first max_items of the task, in its order; for a
+        task sorted by topic (`shuffle`), after a fixed shuffle, so that a few are a fair sample
+        of all topics."""
+        task = build_task(self.task, "test")
+        order = list(range(len(task)))
+        if self.shuffle and max_items is not None and max_items < len(order):
+            rng(self.shuffle).shuffle(order)
+        return [task[i] for i in order[:max_items]]
 
 
 CHAT_TASKS: dict[str, ChatTask] = {
-    "wiki_mc": ChatTask("mc", lambda n: _first(wiki_mc_items(), n)),
-    "arc_easy": ChatTask("mc", lambda n: _first(load_arc("arc_easy"), n)),
-    "arc_challenge": ChatTask("mc", lambda n: _first(load_arc("arc_challenge"), n)),
-    "mmlu": ChatTask("mc", lambda n: _first(load_mmlu(), n, shuffle="mmlu-eval")),
-    "spelling": ChatTask("generative", lambda n: _task_items("spelling", n), score_spelling, 128),
-    "arithmetic": ChatTask("generative", lambda n: _task_items("arithmetic", n), score_arithmetic, 128),
-    "gsm8k": ChatTask("generative", lambda n: _task_items("gsm8k", n), score_gsm8k, 512),
-    "humaneval": ChatTask("generative", lambda n: _first(load_humaneval(), n), score_humaneval, 512),
+    "wiki_mc": ChatTask("wiki_mc", "mc"),
+    "arc_easy": ChatTask("arc_easy", "mc"),
+    "arc_challenge": ChatTask("arc_challenge", "mc"),
+    "mmlu": ChatTask("mmlu_test", "mc", shuffle="mmlu-eval"),
+    "spelling": ChatTask("spelling", "generative", score_spelling, 128),
+    "arithmetic": ChatTask("arithmetic", "generative", score_arithmetic, 128),
+    "gsm8k": ChatTask("gsm8k", "generative", score_gsm8k, 512),
+    "humaneval": ChatTask("humaneval", "generative", score_humaneval, 512, reference=humaneval_problem),
 }
 
 
@@ -286,16 +212,10 @@ def greedy_generate(model: nn.Module, tok: Tokenizer, rt: Runtime, max_new_token
         for i in range(0, len(prompts), batch_size):
             batch = prompts[i:i + batch_size]
             room = engine.context - max(map(len, batch))
-            out += engine.complete(batch, max_tokens=max(1, min(max_new_tokens, room)))
+            out += engine.complete(batch, Sampling(max_tokens=max(1, min(max_new_tokens, room))))
         return out
 
     return run
-
-
-def reply_text(tok: Tokenizer, ids: list[int]) -> str:
-    """A reply's text, without the token that closed it (<|assistant_end|>, or <|bos|>)."""
-    stops = {tok.special_id("<|assistant_end|>"), tok.bos_id}
-    return tok.decode(ids[:-1] if ids and ids[-1] in stops else ids)
 
 
 def _all_reduce(values: list[float], rt: Runtime) -> list[float]:
@@ -310,35 +230,33 @@ def evaluate_chat(model: nn.Module, tok: Tokenizer, rt: Runtime, tasks: Sequence
                   max_items: int | None = None, batch_size: int = 16,
                   generate: Callable[[int], Generate] | None = None) -> dict:
     """Accuracy on each task and ChatCORE: {"tasks": {name: {accuracy, centered, correct, total,
-    baseline}}, "chatcore": mean centered accuracy}. Each rank evaluates every world_size-th item
-    of the first `max_items` of each task; counts are summed over ranks, so every rank returns
-    the same numbers. generate(max_new_tokens) -> Generate replaces greedy decoding (e.g. the
-    engine's, with tool use)."""
+    baseline}}, "chatcore": mean centered accuracy}. Each rank evaluates every world_size-th
+    conversation of the first `max_items` of each task; counts are summed over ranks, so every
+    rank returns the same numbers. generate(max_new_tokens) -> Generate replaces greedy decoding."""
     unknown = [t for t in tasks if t not in CHAT_TASKS]
     if unknown or not tasks:
         raise TaskError(f"unknown chat evaluation task(s) {unknown}; choose from {', '.join(CHAT_TASKS)}")
     make_generate = generate or (lambda n: greedy_generate(model, tok, rt, n, batch_size))
     loaded = {name: CHAT_TASKS[name].load(max_items) for name in tasks}
-    mine = {name: items[rt.rank::rt.world_size] for name, items in loaded.items()}
+    mine = {name: conversations[rt.rank::rt.world_size] for name, conversations in loaded.items()}
     results = {}
     with progress(total=sum(map(len, mine.values())), desc="chat eval") as bar:
         for name in tasks:
-            task, items = CHAT_TASKS[name], mine[name]
+            task, conversations = CHAT_TASKS[name], mine[name]
             bar.set_postfix_str(name)
             correct = chance = 0.0
-            for start in range(0, len(items), batch_size):
-                batch = items[start:start + batch_size]
+            for start in range(0, len(conversations), batch_size):
+                batch = conversations[start:start + batch_size]
                 if task.kind == "mc":
                     picks = mc_predictions(model, tok, batch, rt, batch_size)
-                    correct += sum(p == item[2] for p, item in zip(picks, batch, strict=True))
-                    chance += sum(1 / len(item[1]) for item in batch)
+                    correct += sum(p == c["answer"] for p, c in zip(picks, batch, strict=True))
+                    chance += sum(1 / len(c["choices"]) for c in batch)
                 else:
-                    prompts = [tok.render_for_completion([{"role": "user", "content": q}]) for q, _ in batch]
-                    replies = make_generate(task.max_new_tokens)(prompts)
-                    correct += sum(task.score(reply_text(tok, r), ref)
-                                   for r, (_, ref) in zip(replies, batch, strict=True))
+                    replies = make_generate(task.max_new_tokens)([prompt_ids(tok, c) for c in batch])
+                    correct += sum(task.score(reply_text(tok, r), task.reference(c))
+                                   for r, c in zip(replies, batch, strict=True))
                 bar.update(len(batch))
-            correct, chance, total = _all_reduce([correct, chance, len(items)], rt)
+            correct, chance, total = _all_reduce([correct, chance, len(conversations)], rt)
             accuracy = correct / total if total else 0.0
             baseline = chance / total if total else 0.0
             results[name] = {"accuracy": accuracy, "centered": (accuracy - baseline) / (1 - baseline),

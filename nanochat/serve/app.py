@@ -1,9 +1,11 @@
 """`nanochat serve`: the web chat page at / and an OpenAI-compatible API at /v1.
 
 Endpoints: POST /v1/chat/completions (streamed as server-sent events or not), GET /v1/models,
-GET /health. Requests are validated before they reach a worker (workers.py), and every error is
-answered in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, so OpenAI clients
-show it as they would show OpenAI's own.
+GET /health. Requests are validated before they reach a worker (workers.py): a request becomes
+a prompt (the chat format's render_for_completion) and one `Sampling`, which goes unchanged through
+the job queue to Engine.generate. Every error is answered in OpenAI's shape,
+{"error": {"message", "type", "param", "code"}}, so OpenAI clients show it as they would show
+OpenAI's own. The command's options are config.ServeConfig.
 """
 
 from __future__ import annotations
@@ -18,10 +20,9 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 import torch
-import tyro
 import uvicorn
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -30,8 +31,9 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
-from nanochat.config import ConfigError, check_positive, parse_config
-from nanochat.engine import Engine, ModelSource, load_engine
+from nanochat.chat_format import render_for_completion
+from nanochat.config import ServeConfig, parse_config
+from nanochat.engine import Engine, Sampling, load_engine
 from nanochat.runtime import init_runtime
 from nanochat.serve.workers import Finished, GenerationFailed, Job, Overloaded, WorkerPool
 from nanochat.tokenizer import Tokenizer, TokenizerError
@@ -123,12 +125,12 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     return ApiError(400, message, param=param)
 
 
-def _prepare(req: ChatRequest, tok: Tokenizer, context: int) -> tuple[list[int], dict]:
-    """The prompt's tokens and the engine's sampling arguments, or a 400 saying what does not fit."""
+def _prepare(req: ChatRequest, tok: Tokenizer, context: int) -> tuple[list[int], Sampling]:
+    """The prompt's tokens and how to sample the reply, or a 400 saying what does not fit."""
     if req.messages[-1].role != "user":
         raise ApiError(400, "messages: the last message must be the user's (the reply answers it)", param="messages")
     try:
-        prompt = tok.render_for_completion([m.model_dump() for m in req.messages])
+        prompt = render_for_completion(tok, [m.model_dump() for m in req.messages])
     except TokenizerError as e:
         raise ApiError(400, f"messages: {e}", param="messages") from None
     room = context - len(prompt)
@@ -142,13 +144,13 @@ def _prepare(req: ChatRequest, tok: Tokenizer, context: int) -> tuple[list[int],
                             f"{len(prompt) + asked}, more than the model's context of {context} tokens; lower "
                             "max_tokens or shorten the conversation", param="max_tokens",
                        code="context_length_exceeded")
-    sampling = {
-        "max_tokens": asked or min(DEFAULT_MAX_TOKENS, room),
-        "temperature": 1.0 if req.temperature is None else req.temperature,  # OpenAI's default
-        "top_k": req.top_k,
-        "top_p": req.top_p,
-        "seed": secrets.randbits(63) if req.seed is None else req.seed,
-    }
+    sampling = Sampling(
+        max_tokens=asked or min(DEFAULT_MAX_TOKENS, room),
+        temperature=1.0 if req.temperature is None else req.temperature,  # OpenAI's default
+        top_k=req.top_k,
+        top_p=req.top_p,
+        seed=secrets.randbits(63) if req.seed is None else req.seed,
+    )
     return prompt, sampling
 
 
@@ -250,8 +252,8 @@ def create_app(engines: Engine | Sequence[Engine], model_name: str, *, api_key: 
     lifespan, which uvicorn runs."""
     engines = [engines] if isinstance(engines, Engine) else list(engines)
     for engine in engines:
-        # Engine.generate restores the train/eval mode it found; with threads sharing a model that
-        # restore would race, so the models are put in eval mode for good.
+        # Engine.generate (gpt.eval_mode) restores the train/eval mode it found; with threads sharing
+        # a model that restore would race, so the models are put in eval mode for good.
         engine.model.eval()
     pool = WorkerPool(engines, max_queue, max_batch)
     tok, context = engines[0].tok, engines[0].context
@@ -348,31 +350,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 # nanochat serve
 
 
-@dataclass
-class ServeConfig:
-    source: Annotated[ModelSource, tyro.conf.OmitArgPrefixes] = field(default_factory=ModelSource)
-    host: str = "127.0.0.1"
-    """Address to listen on; 0.0.0.0 lets other machines in (set an --api-key then)."""
-    port: int = 8000
-    workers: int = 1
-    """Generation threads sharing the model on CPU or MPS (on CUDA: one per GPU, each with its own copy)."""
-    max_batch: int = 8
-    """Replies a worker writes at once, in one batched generation (requests waiting together share it)."""
-    max_queue: int = 64
-    """Requests that may wait for a free worker; more get 503 (overloaded)."""
-    api_key: str = ""
-    """Require `Authorization: Bearer <key>` on /v1/* (else $NANOCHAT_API_KEY; neither: open)."""
-
-    def __post_init__(self) -> None:
-        check_positive(self, "workers", "max_batch")
-        check_positive(self, "max_queue", "port", allow_zero=True)
-        if self.port > 65535:
-            raise ConfigError(f"--port must be at most 65535 (got {self.port})")
-
-
 def load_engines(cfg: ServeConfig) -> tuple[list[Engine], str]:
     """One engine per CUDA GPU, or `--workers` references to one engine elsewhere; and the model's name."""
-    rt = init_runtime(cfg.source.device, cfg.source.dtype)
+    rt = init_runtime(cfg.source.runtime.device, cfg.source.runtime.dtype)
     if rt.device.type != "cuda":
         engine, name = load_engine(cfg.source, rt)
         return [engine] * cfg.workers, name

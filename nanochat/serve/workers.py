@@ -3,9 +3,9 @@
 A request becomes a Job. A worker takes the oldest waiting job together with whatever else is
 waiting (up to `max_batch` jobs whose prompts and budgets fit the context side by side) and writes
 all their replies in one batched generation: on a CPU, or a GPU with room to spare, a batch of 8
-costs little more per step than one reply. Each job has its own sampling settings and seed, and
-its reply does not depend on its neighbours (Engine.generate's per-row sampling). A job leaves as
-soon as its own reply ends; jobs that arrive meanwhile wait for the next batch.
+costs little more per step than one reply. Each job carries its request's `Sampling` (settings
+and seed), and its reply does not depend on its neighbours (Engine.generate with one Sampling per
+row). A job leaves as soon as its own reply ends; jobs that arrive meanwhile wait for the next batch.
 
 Admission is counted, not left to the queue: `max_queue` jobs may wait beyond those an idle worker
 will take at once, and a request beyond that is refused at once (the server answers 503) instead
@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from nanochat.engine import Engine, ReplyText, Sampling
+from nanochat.chat_format import ReplyText
+from nanochat.engine import Engine, Sampling
 
 log = logging.getLogger("nanochat.serve")
 
@@ -44,10 +45,10 @@ class Finished:
 
 
 class Job:
-    """One reply to write: the prompt, the engine's sampling arguments, and the way back to the
-    event loop that waits for it."""
+    """One reply to write: the prompt, how to sample it, and the way back to the event loop that
+    waits for it."""
 
-    def __init__(self, prompt: list[int], sampling: dict, loop: asyncio.AbstractEventLoop):
+    def __init__(self, prompt: list[int], sampling: Sampling, loop: asyncio.AbstractEventLoop):
         self.prompt, self.sampling = prompt, sampling
         self.cancelled = threading.Event()
         self.state = "waiting"  # -> "running" -> "done"; guarded by the pool's lock
@@ -101,7 +102,7 @@ class WorkerPool:
             return {"workers": len(self.engines), "max_batch": self.max_batch, "busy": self._busy,
                     "waiting": self._waiting, "max_queue": self.max_queue}
 
-    def submit(self, prompt: list[int], sampling: dict) -> Job:
+    def submit(self, prompt: list[int], sampling: Sampling) -> Job:
         """Queue a job (call from the event loop), or raise Overloaded when there is no room."""
         job = Job(prompt, sampling, asyncio.get_running_loop())
         with self._lock:
@@ -165,11 +166,11 @@ class WorkerPool:
 
     def _run(self, engine: Engine, batch: list[Job]) -> None:
         """Write every reply of `batch` in one generation; each job ends as soon as its reply does."""
-        texts = [ReplyText(engine) for _ in batch]
-        sampling = [Sampling(**job.sampling) for job in batch]
+        texts = [ReplyText(engine.tok) for _ in batch]
+        sampling = [job.sampling for job in batch]
         live = set(range(len(batch)))
         try:
-            steps = engine.generate([job.prompt for job in batch], sampling=sampling)
+            steps = engine.generate([job.prompt for job in batch], sampling)
             for step in steps:
                 for i in list(live):
                     job, text = batch[i], texts[i]
@@ -196,5 +197,5 @@ def _fits(engine: Engine, jobs: list[Job]) -> bool:
     """Whether `jobs` can share one batch: rows are padded to the longest prompt and run for the
     largest budget, which must fit the model's context together."""
     width = max(len(job.prompt) for job in jobs)
-    budget = max(job.sampling["max_tokens"] for job in jobs)
+    budget = max(job.sampling.max_tokens for job in jobs)
     return width + budget <= engine.context

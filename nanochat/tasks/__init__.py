@@ -1,12 +1,15 @@
 """Chat tasks: conversations for midtraining, SFT and evaluation, one file each, one interface.
 
-Every task is a `Task`: `len(task)` conversations, `task[i]` one of them in the format
-`Tokenizer.render_conversation` takes, deterministic for a given split and seed. A `Mixture`
-interleaves weighted tasks; `build_mixture("identity:2,wiki,spelling", split, seed)` makes one
-from a config string.
+Every task is a `Task` (tasks/base.py): `len(task)` conversations, `task[i]` one of them
+(`{"messages": [...]}`, plus the fields an evaluation needs), deterministic for a given split and
+seed. `build_task(name, split, seed)` makes one by its name in TASKS; a `Mixture` interleaves
+weighted tasks, and `build_mixture("identity:2,wiki,spelling", split, seed)` makes one from a
+config string. The chat evaluation (evaluate/chat.py) reads its tasks through the same names.
 
-Offline (no network, used by the tiny preset): identity, wiki, spelling, arithmetic.
-Online (downloaded once from the Hugging Face hub): smoltalk, mmlu, gsm8k.
+Offline (no network; the tiny preset's): identity, wiki, spelling, arithmetic, and wiki_mc
+(multiple choice about held-out articles). Online (downloaded once from the Hugging Face hub):
+smoltalk, mmlu (auxiliary train), gsm8k, arc_easy and arc_challenge (train and test), and the
+test sets mmlu_test and humaneval, which have no train split.
 """
 
 from __future__ import annotations
@@ -14,14 +17,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from nanochat.tasks.arc import ARCChallenge, ARCEasy
 from nanochat.tasks.arithmetic import ArithmeticTask
-from nanochat.tasks.base import Mixture, Task, TaskError
+from nanochat.tasks.base import OFFLINE_TASKS, Mixture, Task, TaskError
 from nanochat.tasks.gsm8k import GSM8K
+from nanochat.tasks.humaneval import HumanEval
 from nanochat.tasks.identity import IdentityTask
-from nanochat.tasks.mmlu import MMLU
+from nanochat.tasks.mmlu import MMLU, MMLUTest
 from nanochat.tasks.smoltalk import SmolTalk
 from nanochat.tasks.spelling import SpellingTask
 from nanochat.tasks.wiki import WikiTask, wiki_eval_items
+from nanochat.tasks.wiki_mc import WikiMC
 
 # name -> constructor(split, seed)
 TASKS: dict[str, Callable[..., Task]] = {
@@ -32,8 +38,12 @@ TASKS: dict[str, Callable[..., Task]] = {
     "smoltalk": SmolTalk,
     "mmlu": MMLU,
     "gsm8k": GSM8K,
+    "wiki_mc": WikiMC,
+    "arc_easy": ARCEasy,
+    "arc_challenge": ARCChallenge,
+    "mmlu_test": MMLUTest,
+    "humaneval": HumanEval,
 }
-OFFLINE_TASKS = ("identity", "wiki", "spelling", "arithmetic")
 
 # Midtraining teaches the format, tool use, identity and spelling on plenty of data (about 24k
 # conversations per epoch); SFT is a smaller, cleaner pass over the same kinds (about 5.5k).
@@ -77,6 +87,6 @@ def build_mixture(spec: str, split: str, seed: int, epochs: int = 1) -> Mixture:
     return Mixture([(build_task(name, split, seed), weight) for name, weight in entries], seed=seed, epochs=epochs)
 
 
-__all__ = ["ArithmeticTask", "GSM8K", "IdentityTask", "MMLU", "Mixture", "OFFLINE_MIDTRAIN", "OFFLINE_SFT",
-           "OFFLINE_TASKS", "SmolTalk", "SpellingTask", "TASKS", "Task", "TaskError", "WikiTask", "build_mixture",
-           "build_task", "parse_spec", "wiki_eval_items"]
+__all__ = ["ARCChallenge", "ARCEasy", "ArithmeticTask", "GSM8K", "HumanEval", "IdentityTask", "MMLU", "MMLUTest",
+           "Mixture", "OFFLINE_MIDTRAIN", "OFFLINE_SFT", "OFFLINE_TASKS", "SmolTalk", "SpellingTask", "TASKS", "Task",
+           "TaskError", "WikiMC", "WikiTask", "build_mixture", "build_task", "parse_spec", "wiki_eval_items"]

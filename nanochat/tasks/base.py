@@ -1,7 +1,9 @@
 """The shared interface of every chat task, and the weighted mixture of tasks.
 
-A task is a fixed, indexable list of conversations in the format `Tokenizer.render_conversation`
-takes: `{"messages": [{"role": "user" | "assistant" | "system", "content": ...}, ...]}`. It is
+A task is a fixed, indexable list of conversations: `{"messages": [{"role": "user" | "assistant" |
+"system", "content": ...}, ...]}`, the messages as `chat_format.render_conversation` takes them.
+A conversation may carry more fields for evaluation (a multiple-choice one its `choices` and
+`answer`, a HumanEval one its `problem`); training reads only the messages. A task is
 deterministic: the same split and seed give the same conversations in the same order on every
 machine. Randomness therefore never comes from the global RNG or from Python's salted `hash()`;
 it comes from `rng(...)` (a `random.Random` seeded with a string, which CPython hashes with
@@ -20,6 +22,8 @@ from collections.abc import Iterator, Sequence
 from nanochat.errors import NanochatError
 
 SPLITS = ("train", "val", "test")
+# the tasks built from data that ships with the package: no download, ever (the tiny preset's)
+OFFLINE_TASKS = ("identity", "wiki", "spelling", "arithmetic", "wiki_mc")
 
 
 class TaskError(NanochatError, ValueError):
@@ -44,6 +48,15 @@ def check_split(split: str, held_out: str = "val") -> str:
     if split not in SPLITS:
         raise TaskError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     return "train" if split == "train" else held_out
+
+
+def check_held_out(name: str, split: str, held_out: str = "test") -> str:
+    """The split of a task that is only for evaluation (a published test set): "val" and "test"
+    both name it; "train" is refused rather than silently training on test questions."""
+    if check_split(split, held_out) == "train":
+        raise TaskError(f"task {name!r} is a test set for evaluation and has no train split; use split "
+                        f"{held_out!r}, or leave it out of the training mixture")
+    return held_out
 
 
 class Task:

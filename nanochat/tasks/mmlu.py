@@ -1,36 +1,33 @@
-"""MMLU auxiliary train: about 100k multiple-choice questions (cais/mmlu, config "auxiliary_train").
+"""MMLU (cais/mmlu): the auxiliary train set for training, the test set for evaluation.
 
-Published file: auxiliary_train/train-00000-of-00001.parquet. Its rows are nested one level: a
-single column `train` of struct<answer: int64, choices: list<string>, question: string,
-subject: string> (subject is often empty). Flat columns with those names (as in the "all"
-config's file) are read as well. The user sees the question and lettered choices; the assistant
-answers with the letter alone, which is also how a chat evaluation scores it. There is no
-published held-out part of this file, so 1% of questions, by hash, form the "val" split.
+`mmlu` is the auxiliary train: about 100k multiple-choice questions (config "auxiliary_train",
+file auxiliary_train/train-00000-of-00001.parquet). Its rows are nested one level: a single
+column `train` of struct<answer: int64, choices: list<string>, question: string, subject:
+string> (subject is often empty). Flat columns with those names (as in the "all" config's file)
+are read as well. There is no published held-out part of this file, so 1% of questions, by
+hash, form its "val" split.
+
+`mmlu_test` is MMLU proper: the 14,042 test questions of all 57 subjects (config "all", file
+all/test-00000-of-00001.parquet, flat columns question, subject, choices, answer), in the file's
+order, which is sorted by subject. It has no train split.
+
+Both render as `multiple_choice` conversations: the question and lettered choices, answered with
+the letter alone.
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-from nanochat.tasks.base import Task, TaskError, check_split, in_held_out
+from nanochat.tasks.base import Task, TaskError, check_held_out, check_split, in_held_out
 from nanochat.tasks.hub import fetch, read_parquet
+from nanochat.tasks.multiple_choice import MultipleChoiceTask, multiple_choice
 
 REPO_ID = "cais/mmlu"
 FILES = ("auxiliary_train/train-00000-of-00001.parquet",)
-LETTERS = "ABCDEFGHIJ"
+TEST_FILES = ("all/test-00000-of-00001.parquet",)
 VAL_PERCENT = 1
 FIELDS = ("question", "choices", "answer")
-
-
-def multiple_choice(question: str, choices: list[str], answer: int, subject: str = "") -> dict:
-    if not 0 <= answer < len(choices) <= len(LETTERS):
-        raise TaskError(f"MMLU row with {len(choices)} choices has answer index {answer}")
-    topic = f" about {subject.replace('_', ' ')}" if subject else ""
-    lines = "\n".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS[:len(choices)], choices, strict=True))
-    prompt = (f"Here is a multiple-choice question{topic}.\n\n{question.strip()}\n\n{lines}\n\n"
-              f"Answer with the letter of the correct choice.")
-    return {"messages": [{"role": "user", "content": prompt},
-                         {"role": "assistant", "content": LETTERS[answer]}]}
 
 
 def _flat(table: pa.Table) -> pa.Table:
@@ -46,6 +43,8 @@ def _flat(table: pa.Table) -> pa.Table:
 
 
 class MMLU(Task):
+    """The auxiliary train set (see the module docstring)."""
+
     name = "mmlu"
 
     def __init__(self, split: str = "train", seed: int = 0):
@@ -62,3 +61,15 @@ class MMLU(Task):
     def _get(self, i: int) -> dict:
         row = {name: self._rows.column(name)[self._index[i]].as_py() for name in self._rows.column_names}
         return multiple_choice(row["question"], row["choices"], row["answer"], row.get("subject") or "")
+
+
+class MMLUTest(MultipleChoiceTask):
+    """The test set, all subjects (see the module docstring); its files share the mmlu folder."""
+
+    name = "mmlu_test"
+
+    def __init__(self, split: str = "test", seed: int = 0):
+        self.split, self.seed = check_held_out(self.name, split), seed
+        table = read_parquet(fetch(self.name, REPO_ID, TEST_FILES, folder="mmlu"),
+                             ["question", "subject", "choices", "answer"])
+        self.rows = [(r["question"], r["choices"], r["answer"], r["subject"] or "") for r in table.to_pylist()]

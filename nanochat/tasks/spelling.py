@@ -14,6 +14,7 @@ import re
 import string
 from collections import Counter
 
+from nanochat.data.offline import load_articles
 from nanochat.tasks.base import Task, check_split, in_held_out, rng
 
 VAL_PERCENT = 10
@@ -24,8 +25,6 @@ _WORD = re.compile(r"(?<![\w'-])[a-z]{3,12}(?![\w'-])")
 @functools.cache
 def vocabulary(split: str) -> tuple[str, ...]:
     """The corpus words of one split ("train" or "val"), sorted."""
-    from nanochat.data.offline import load_articles
-
     counts = Counter()
     for article in load_articles():
         counts.update(_WORD.findall(article["text"]))

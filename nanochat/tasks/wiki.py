@@ -8,7 +8,8 @@ sentences), "Which field is that in?" (the article's topic) and "Sum it up in a 
 
 The held-out split is the corpus's own (`offline.is_validation`): its articles are not in
 pretraining's training shards, so answers to them measure recall of text the model never
-trained on, not memorisation. `wiki_eval_items` gives such questions with reference answers.
+trained on, not memorisation. `wiki_eval_items` gives such questions with reference answers;
+tasks/wiki_mc.py asks about the same articles as multiple choice.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import functools
 import re
 
+from nanochat.data.offline import is_validation, load_articles
 from nanochat.tasks.base import Task, check_split, rng
 
 PEOPLE_TOPICS = {"People", "Personas", "Personnalités"}
@@ -73,8 +75,6 @@ def sentences(text: str) -> list[str]:
 @functools.cache
 def articles(split: str) -> tuple[dict, ...]:
     """The offline corpus's articles of one split ("train" or "val"), in the corpus's order."""
-    from nanochat.data.offline import is_validation, load_articles
-
     return tuple(a for a in load_articles() if is_validation(a) == (split != "train"))
 
 

@@ -1,4 +1,18 @@
-"""What every training stage shares: batch arithmetic and one optimizer step over micro-batches.
+"""What every training stage shares: batch arithmetic, one optimizer step over micro-batches, and
+the stage loop itself.
+
+A stage (pretrain, midtrain, sft) builds its model, optimizer and batches and describes itself in
+a `StagePlan`; `train_stage` does the rest the same way for all of them:
+
+  resume or refuse   `--resume` continues the stage's newest checkpoint (model, optimizer, RNG,
+                     data position) and is an error when there is none; a stage that already has
+                     checkpoints is refused without `--resume`, so nothing is overwritten
+  wrap               DistributedDataParallel under torchrun (device_ids on CUDA), torch.compile
+  every step         schedule, `train_step`, a stop naming the last good checkpoint when the loss
+                     is NaN/inf, metrics.jsonl and the progress bar (loss, tok/s, MFU, ETA)
+  cadence            the stage's own evaluation every `eval_every` steps, a checkpoint every
+                     `save_every`, both at the last step; then the stage's closing evaluation
+  always             the metrics logger and the batches closed, however the loop ends
 
 Normalisation. A step's loss is the mean over *all* supervised tokens of the step — every
 micro-batch on every rank — not a mean of per-micro-batch means. Each micro-batch's summed loss
@@ -12,14 +26,25 @@ contributes exactly zero instead of a NaN.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanochat.config import ConfigError
-from nanochat.runtime import Runtime
+from nanochat.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nanochat.config import ConfigError, OptimConfig, run_dir
+from nanochat.errors import NanochatError
+from nanochat.gpt import GPT
+from nanochat.metrics import MetricsLogger, progress
+from nanochat.optim import apply_schedule
+from nanochat.runs import get_stage, stage_dir, stage_name
+from nanochat.runtime import Runtime, print0
 
 
 def grad_accum_steps(total_batch_tokens: int, micro_batch: int, seq_len: int, world_size: int) -> int:
@@ -78,3 +103,155 @@ def train_step(model: nn.Module, optimizer, batches: Iterator[tuple[torch.Tensor
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total.item() / max(count, 1), count
+
+
+# --------------------------------------------------------------------------------------------
+# The stage loop
+
+
+class Batches(Protocol):
+    """What the loop needs of a stage's training batches (`DataLoader`, `ChatBatches`)."""
+
+    positions: int  # input positions handed out so far, padding included
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+    def close(self) -> None: ...
+
+
+def _no_metrics(step: int) -> dict:
+    return {}
+
+
+@dataclass
+class StagePlan:
+    """One training stage, as the stage file builds it; `train_stage` runs it."""
+
+    stage: str
+    """"base", "mid" or "sft" (nanochat.runs.STAGES): names the checkpoints' folder and the metrics."""
+    run: str
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    optim: OptimConfig
+    """The learning-rate schedule's settings."""
+    batches: Batches
+    accum: int
+    """Micro-batches per optimizer step on each rank."""
+    total_steps: int
+    config: dict
+    """The stage's whole configuration: logged, and saved in every checkpoint's meta.json."""
+    resume_keys: dict
+    """Configuration a resumed stage must share with its checkpoint (others may change)."""
+    meta: dict = field(default_factory=dict)
+    """What else every checkpoint records (the tokenizer's identity, the starting stage …)."""
+    resume: bool = False
+    compile: bool = False
+    eval_every: int = 0
+    save_every: int = 0
+    keep_last: int = 1
+    evaluate: Callable[[int], dict] = _no_metrics
+    """step -> metrics: the stage's own evaluation, every eval_every steps and at the last step
+    (logged, and the latest saved with each checkpoint)."""
+    conclude: Callable[[int], dict] = _no_metrics
+    """step -> metrics: once, after the final checkpoint is written (the chat stages' probes)."""
+    step_metrics: Callable[[], dict] = dict
+    """Extra figures logged with every step (the pretraining loader's cropped fraction)."""
+
+
+@dataclass
+class StageResult:
+    steps: int
+    seconds: float
+    evaluation: dict
+    """The last evaluation's metrics."""
+    conclusion: dict
+
+
+def resume_or_refuse(plan: StagePlan) -> int:
+    """The step to start from: 0 for a new stage, or the newest checkpoint's step with `--resume`
+    (model, optimizer, RNG and batch position restored). Refuses `--resume` without a checkpoint,
+    and a stage with checkpoints without `--resume`, each naming the fix."""
+    out = stage_dir(plan.run, plan.stage)
+    command = get_stage(plan.stage).command
+    previous = latest_checkpoint(out)
+    if previous is None:
+        if plan.resume:
+            raise NanochatError(f"--resume: run '{plan.run}' has no {plan.stage} checkpoint in {out} to resume; "
+                                f"start `nanochat {command}` without --resume")
+        return 0
+    if not plan.resume:
+        raise NanochatError(f"run '{plan.run}' already has {plan.stage} checkpoints (latest {previous.name}) in "
+                            f"{out}; pass --resume to continue, or choose another --run")
+    meta = load_checkpoint(previous, plan.model, plan.optimizer, expected_config=plan.resume_keys, restore_rng=True)
+    if stage_name(meta.get("stage")) != plan.stage:
+        raise NanochatError(f"{previous} is a {meta.get('stage')!r} checkpoint, not a {plan.stage} one")
+    state = meta["rank_state"]
+    # Checkpoints written before the stages shared this loop keyed the batch state by their kind.
+    plan.batches.load_state_dict(state.get("data") or state.get("loader") or state["batches"])
+    print0(f"resumed {plan.stage} of {plan.run} from {previous} (step {meta['step']} of {plan.total_steps})")
+    return meta["step"]
+
+
+def wrap_model(model: nn.Module, rt: Runtime, compile: bool) -> nn.Module:
+    """The model the steps run: DDP under torchrun (one device per process on CUDA), compiled if asked."""
+    if rt.distributed:
+        model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    return torch.compile(model) if compile else model
+
+
+def train_stage(plan: StagePlan, rt: Runtime) -> StageResult:
+    """Resume or start `plan`'s stage and train it to `total_steps` (see the module docstring)."""
+    step = resume_or_refuse(plan)
+    train_model = wrap_model(plan.model, rt, plan.compile)
+    out = stage_dir(plan.run, plan.stage)
+    flops_per_token = plan.model.flops_per_token()
+    evaluation: dict = {}
+    conclusion: dict = {}
+    logger = MetricsLogger(run_dir(plan.run) / "metrics.jsonl", config=plan.config, run_name=plan.run)
+    bar = progress(total=plan.total_steps, initial=step, desc=get_stage(plan.stage).command, unit="step")
+    started, first_step = time.time(), step
+    try:
+        while step < plan.total_steps:
+            lr_mult = apply_schedule(plan.optimizer, step, plan.total_steps, plan.optim)
+            t0, handed_out = time.perf_counter(), plan.batches.positions
+            loss, supervised = train_step(train_model, plan.optimizer, plan.batches, plan.accum, rt)
+            rt.sync()
+            dt = time.perf_counter() - t0
+            if not math.isfinite(loss):
+                last = latest_checkpoint(out)
+                raise NanochatError(
+                    f"the {plan.stage} loss became {loss} at step {step + 1}: training diverged. "
+                    + (f"The last good checkpoint is {last}; " if last else "No checkpoint was written yet; ")
+                    + "lower the learning rates (--optim.matrix-lr, --optim.embedding-lr …, or --lr-scale in "
+                      "the chat stages) and start again")
+            step += 1
+            # Every position of every row goes through the model, padding too (this rank's count ×
+            # ranks: the other ranks' rows are as wide, up to their own padding).
+            positions = (plan.batches.positions - handed_out) * rt.world_size
+            tok_per_s, mfu = step_rates(positions, dt, flops_per_token, rt)
+            elapsed = time.time() - started
+            logger.log(step, stage=plan.stage, loss=loss, lr=plan.optimizer.param_groups[0]["lr"], lr_mult=lr_mult,
+                       supervised_tokens=supervised, tokens=positions, tok_per_s=tok_per_s, mfu=mfu,
+                       elapsed=elapsed, eta_s=elapsed / (step - first_step) * (plan.total_steps - step),
+                       **plan.step_metrics())
+            bar.set_postfix(rates_postfix(loss, tok_per_s, mfu))
+            bar.update()
+            done = step == plan.total_steps
+            if done or (plan.eval_every and step % plan.eval_every == 0):
+                evaluation = plan.evaluate(step)
+                logger.log(step, stage=plan.stage, **evaluation)
+            if done or (plan.save_every and step % plan.save_every == 0):
+                meta = {"stage": plan.stage, "final": done, "config": plan.config, "total_steps": plan.total_steps,
+                        **plan.meta, **{k: v for k, v in evaluation.items() if isinstance(v, (int, float))}}
+                save_checkpoint(out, step, plan.model, meta, plan.optimizer, plan.keep_last,
+                                rank_state={"data": plan.batches.state_dict()})
+        bar.close()
+        conclusion = plan.conclude(step)
+        if conclusion:
+            logger.log(step, stage=plan.stage, **conclusion)
+    finally:
+        bar.close()
+        logger.close()
+        plan.batches.close()
+    return StageResult(step, time.time() - started, evaluation, conclusion)

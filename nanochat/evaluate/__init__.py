@@ -1,1 +1,2 @@
-"""Evaluation: bits per byte, CORE, chat tasks."""
+"""Evaluation: bits per byte, the training stages' quick probes, CORE, chat tasks (ChatCORE), and
+`nanochat eval`."""

@@ -91,6 +91,10 @@ Device = Annotated[DeviceConfig, tyro.conf.OmitArgPrefixes]
 # Model and training
 
 
+# Fields added to ModelConfig after checkpoints were first written, with the value they had before.
+MODEL_FIELDS_ADDED = {"value_embeddings": False, "x0_skip": False}
+
+
 @dataclass
 class ModelConfig:
     """The transformer's shape, the one config `GPT(config, vocab_size)` is built from (the
@@ -110,6 +114,13 @@ class ModelConfig:
     logit_softcap: float = 15.0
     """tanh soft-cap on the output logits; 0 disables it."""
     tie_embeddings: bool = False
+    value_embeddings: bool = False
+    """Every other layer, counting down from the last, adds a per-token embedding of its own to the
+    attention values (modded-nanogpt's value embeddings): token identity the deep layers can read
+    without carrying it through the residual stream."""
+    x0_skip: bool = False
+    """Before each block, x <- a_i·x + b_i·x0 with learned scalars (init 1 and 0) and x0 the
+    normed token embedding (modded-nanogpt's x0 mix-in): every layer sees the raw tokens."""
 
     def __post_init__(self) -> None:
         check_positive(self, "depth", "aspect_ratio", "head_dim", "sequence_len", "rope_theta")
@@ -127,6 +138,16 @@ class ModelConfig:
     @property
     def n_embd(self) -> int:
         return self.n_head * self.head_dim
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> ModelConfig:
+        """The shape a checkpoint's meta.json records; a field the checkpoint predates takes the
+        value every model had before the field existed (so old checkpoints keep loading)."""
+        return cls(**{**MODEL_FIELDS_ADDED, **saved})
+
+    def has_value_embedding(self, layer: int) -> bool:
+        """Whether `layer` adds a value embedding: the last layer and every other one below it."""
+        return self.value_embeddings and (self.depth - 1 - layer) % 2 == 0
 
     @property
     def kv_heads(self) -> int:
@@ -159,6 +180,15 @@ class OptimConfig:
     """Put the token embedding on Muon too (measured worse on the tiny preset; see README)."""
     weight_decay: float = 0.0
     """Decoupled weight decay of the Muon matrices."""
+    cautious_weight_decay: bool = False
+    """Decay a weight only where its update points the same way, i.e. also shrinks it (cautious
+    weight decay, Chen et al. 2025): decay then never fights the gradient."""
+    normuon: bool = False
+    """Normalise Muon's orthogonalised update per output neuron by a running second moment, then
+    restore its overall norm (NorMuon, Li et al. 2025): rows the update keeps pushing hard are
+    tempered, as Adam does per entry."""
+    muon_momentum_cooldown: bool = False
+    """Let Muon's momentum fall back to 0.85 over the learning-rate warmdown (modded-nanogpt)."""
     reference_batch_tokens: int = 524288
     """The batch the learning rates above are tuned for; other batches scale them by sqrt(batch / this)."""
     warmup_frac: float = 0.0

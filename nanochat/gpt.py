@@ -14,6 +14,9 @@
   QK-norm (RMSNorm of each query and key head) that keeps attention logits bounded in bf16.
 - SwiGLU MLP (Shazeer 2020) by default, ReLU² (So et al. 2021) as an option; no biases anywhere.
 - Output projections of every block start at zero, so each block starts as the identity.
+- Optional (ModelConfig): value embeddings on every other layer, added to the attention values,
+  and an x0 mix-in of the token embedding before each block with learned per-layer scalars; both
+  from the modded-nanogpt speedrun records.
 - A KV cache for generation: prefill a batch of prompts, then decode one token at a time. The
   cache owns where the next tokens sit: their rotary positions and the attention mask they need.
 """
@@ -130,12 +133,15 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None,
-                is_causal: bool, kv_cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ve: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None, is_causal: bool, kv_cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, d)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.c_v(x)
+        if ve is not None:  # this layer's value embedding of the same tokens (B, T, kv_heads·d)
+            v = v + ve
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.qk_norm:  # before or after RoPE is the same: a rotation keeps the RMS
             q, k = norm(q), norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -170,9 +176,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None,
-                is_causal: bool, kv_cache: KVCache | None) -> torch.Tensor:
-        x = x + self.attn(norm(x), cos, sin, attn_mask, is_causal, kv_cache)
+    def forward(self, x: torch.Tensor, ve: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None, is_causal: bool, kv_cache: KVCache | None) -> torch.Tensor:
+        x = x + self.attn(norm(x), ve, cos, sin, attn_mask, is_causal, kv_cache)
         return x + self.mlp(norm(x))
 
 
@@ -186,6 +192,12 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, self.padded_vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        kv_dim = config.kv_heads * config.head_dim
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(self.padded_vocab_size, kv_dim)
+                                           for i in range(config.depth) if config.has_value_embedding(i)})
+        if config.x0_skip:
+            self.resid_lambdas = nn.Parameter(torch.ones(config.depth))
+            self.x0_lambdas = nn.Parameter(torch.zeros(config.depth))
         # Not saved with the weights: recomputed from the config.
         n_pos = ROPE_HEADROOM * config.sequence_len
         self.register_buffer("cos", torch.empty(n_pos, config.head_dim // 2), persistent=False)
@@ -226,6 +238,11 @@ class GPT(nn.Module):
             # predictions, an initial loss of about ln(vocab_size).
             nn.init.normal_(self.wte.weight, std=1.0)
             nn.init.normal_(self.lm_head.weight, std=0.001)
+        for ve in self.value_embeds.values():  # the scale of the values they are added to
+            nn.init.normal_(ve.weight, std=1.0)
+        if cfg.x0_skip:  # start as the plain residual stream
+            self.resid_lambdas.fill_(1.0)
+            self.x0_lambdas.zero_()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 loss_reduction: Literal["mean", "sum"] = "mean", kv_cache: KVCache | None = None) -> torch.Tensor:
@@ -241,9 +258,12 @@ class GPT(nn.Module):
             positions, attn_mask, is_causal = kv_cache.positions_and_mask(T)
         cos, sin = self.cos[positions], self.sin[positions]
 
-        x = norm(self.wte(idx))
-        for block in self.blocks:
-            x = block(x, cos, sin, attn_mask, is_causal, kv_cache)
+        x0 = x = norm(self.wte(idx))
+        for i, block in enumerate(self.blocks):
+            if self.config.x0_skip:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, ve, cos, sin, attn_mask, is_causal, kv_cache)
         x = norm(x)
 
         logits = self.lm_head(x)[..., :self.vocab_size].float()
@@ -268,11 +288,13 @@ class GPT(nn.Module):
                        self.lm_head.weight.device, dtype)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Parameters (a tied matrix once). exclude_embeddings drops the input embedding, a lookup
-        rather than a matmul; a tied head's matrix is then still counted, as the head uses it."""
+        """Parameters (a tied matrix once). exclude_embeddings drops the embeddings (token and
+        value), lookups rather than matmuls; a tied head's matrix is still counted, as the head uses it."""
         n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings and not self.config.tie_embeddings:
-            n -= self.wte.weight.numel()
+        if exclude_embeddings:
+            n -= sum(ve.weight.numel() for ve in self.value_embeds.values())
+            if not self.config.tie_embeddings:
+                n -= self.wte.weight.numel()
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:

@@ -64,9 +64,10 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.0, ns_steps: int = 5, ns_dtype: str = "bfloat16"):
+                 weight_decay: float = 0.0, ns_steps: int = 5, ns_dtype: str = "bfloat16", cautious_wd: bool = False,
+                 normuon: bool = False, beta2: float = 0.95):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,
-                        ns_dtype=ns_dtype)
+                        ns_dtype=ns_dtype, cautious_wd=cautious_wd, normuon=normuon, beta2=beta2)
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -94,10 +95,22 @@ class Muon(torch.optim.Optimizer):
                 updates = orthogonalize(torch.stack(grads), group["ns_steps"], getattr(torch, group["ns_dtype"]))
                 scale = math.sqrt(max(1.0, shape[0] / shape[1]))
                 for p, u in zip(params, updates, strict=True):
-                    if group["weight_decay"]:
+                    u = u.to(p.dtype)
+                    if group["normuon"]:
+                        u = self._normalise_rows(p, u, group["beta2"])
+                    if group["weight_decay"] and group["cautious_wd"]:
+                        p.sub_(p * (u * p > 0), alpha=group["lr"] * group["weight_decay"])
+                    elif group["weight_decay"]:
                         p.mul_(1 - group["lr"] * group["weight_decay"])
-                    p.add_(u.to(p.dtype), alpha=-group["lr"] * scale)
+                    p.add_(u, alpha=-group["lr"] * scale)
         return loss
+
+    def _normalise_rows(self, p: torch.Tensor, u: torch.Tensor, beta2: float) -> torch.Tensor:
+        """u divided per row by the root of a running mean of its squared entries, rescaled to u's norm."""
+        v = self.state[p].setdefault("row_second_moment", torch.zeros(u.size(0), 1, dtype=u.dtype, device=u.device))
+        v.lerp_(u.square().mean(dim=1, keepdim=True), 1 - beta2)
+        normed = u / (v.sqrt() + 1e-10)
+        return normed * (u.norm() / normed.norm().clamp(min=1e-10))
 
 
 class HybridOptimizer:
@@ -130,10 +143,12 @@ class HybridOptimizer:
 
 def param_groups(model: nn.Module, muon_embeddings: bool = False) -> dict[str, list[nn.Parameter]]:
     """Split a GPT's parameters: `matrix` (2-D weights inside the blocks, plus the token embedding
-    when `muon_embeddings`), `embedding`, `unembedding` (the head) and `scalar` (every 1-D tensor)."""
+    when `muon_embeddings`), `embedding` (token and value embeddings: lookups, not matmuls),
+    `unembedding` (the head) and `scalar` (every 1-D tensor)."""
     groups: dict[str, list[nn.Parameter]] = {"matrix": [], "embedding": [], "unembedding": [], "scalar": []}
     seen: set[int] = set()
     embedding = model.wte.weight
+    value_embeddings = {id(m.weight) for m in model.value_embeds.values()}
     head = model.lm_head.weight
     for p in model.parameters():  # parameters() yields a tied tensor once
         if id(p) in seen:
@@ -141,6 +156,8 @@ def param_groups(model: nn.Module, muon_embeddings: bool = False) -> dict[str, l
         seen.add(id(p))
         if p is embedding:
             groups["matrix" if muon_embeddings else "embedding"].append(p)
+        elif id(p) in value_embeddings:
+            groups["embedding"].append(p)
         elif p is head:
             groups["unembedding"].append(p)
         elif p.ndim < 2:
@@ -172,7 +189,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, total_batch_tokens: int)
         ns_dtype = "bfloat16" if on_cuda else "float32"
         optimizers.insert(0, Muon([{"params": groups["matrix"], "name": "matrix"}],
                                   lr=cfg.matrix_lr * batch_scale, momentum=cfg.muon_momentum,
-                                  weight_decay=cfg.weight_decay, ns_dtype=ns_dtype))
+                                  weight_decay=cfg.weight_decay, ns_dtype=ns_dtype,
+                                  cautious_wd=cfg.cautious_weight_decay, normuon=cfg.normuon))
     for group in (g for opt in optimizers for g in opt.param_groups):
         group["base_lr"] = group["lr"]
     return HybridOptimizer(optimizers)
@@ -190,9 +208,13 @@ def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:
     return progress + (1 - progress) * cfg.final_lr_frac
 
 
-def muon_momentum(step: int, cfg: OptimConfig) -> float:
-    """Momentum warms up from 0.85 to its target over the first `muon_momentum_warmup` steps."""
+def muon_momentum(step: int, cfg: OptimConfig, lr_mult: float = 1.0) -> float:
+    """Momentum warms up from 0.85 to its target over the first `muon_momentum_warmup` steps; with
+    `muon_momentum_cooldown` the rise is scaled by the learning-rate multiplier, so momentum falls
+    back towards 0.85 as the learning rate warms down."""
     frac = min(step / max(cfg.muon_momentum_warmup, 1), 1.0)
+    if cfg.muon_momentum_cooldown:
+        frac *= lr_mult
     return (1 - frac) * 0.85 + frac * cfg.muon_momentum
 
 
@@ -203,5 +225,5 @@ def apply_schedule(optimizer: HybridOptimizer, step: int, total_steps: int, cfg:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * mult
             if isinstance(opt, Muon):
-                group["momentum"] = muon_momentum(step, cfg)
+                group["momentum"] = muon_momentum(step, cfg, mult)
     return mult

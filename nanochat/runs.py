@@ -130,7 +130,7 @@ def build_model(meta: dict, rt: Runtime | None = None) -> GPT:
     tokenizer's vocabulary; on the meta device when no runtime is given (for counting)."""
     device = rt.device if rt is not None else torch.device("meta")
     with device:
-        return GPT(ModelConfig(**meta["config"]["model"]), meta["tokenizer"]["vocab_size"])
+        return GPT(ModelConfig.from_saved(meta["config"]["model"]), meta["tokenizer"]["vocab_size"])
 
 
 def load_model(path: str | Path, rt: Runtime) -> tuple[GPT, Tokenizer, dict]:

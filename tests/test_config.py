@@ -78,3 +78,14 @@ def test_every_training_preset_has_tokenizer_and_chat_presets():
     assert set(TOKENIZER_PRESETS) == set(PRESETS) == set(MIDTRAIN_PRESETS) == set(SFT_PRESETS)
     for name, preset in PRESETS.items():
         assert TOKENIZER_PRESETS[name].name == preset.tokenizer
+
+
+def test_a_saved_shape_that_predates_a_field_gets_the_value_it_had_then():
+    import dataclasses
+
+    from nanochat.config import MODEL_FIELDS_ADDED
+
+    saved = {k: v for k, v in dataclasses.asdict(ModelConfig()).items() if k not in MODEL_FIELDS_ADDED}
+    old = ModelConfig.from_saved(saved)
+    assert all(getattr(old, k) == v for k, v in MODEL_FIELDS_ADDED.items())
+    assert ModelConfig.from_saved({**saved, "value_embeddings": True}).value_embeddings is True

@@ -45,9 +45,14 @@ class Scripted(nn.Module):
         return logits
 
 
-def test_kv_cache_generation_equals_naive_recompute(tok):
+@pytest.mark.parametrize("parts", [{}, {"value_embeddings": True, "x0_skip": True}], ids=["plain", "ve+x0"])
+def test_kv_cache_generation_equals_naive_recompute(tok, parts):
     torch.manual_seed(0)
-    model = GPT(ModelConfig(depth=2, aspect_ratio=32, head_dim=16, sequence_len=64), tok.vocab_size)
+    model = GPT(ModelConfig(depth=2, aspect_ratio=32, head_dim=16, sequence_len=64, **parts), tok.vocab_size)
+    if parts:  # at init the optional parts are silent (zero projections, x0 weight 0): wake them up
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
     engine = Engine(model, tok, RT)
     prompts = [tok.encode("the cat"), tok.encode("on the mat. 2"), [tok.bos_id]]
     got = engine.complete(prompts, Sampling(max_tokens=24))

@@ -10,8 +10,9 @@ from nanochat.gpt import GPT, KVCache, apply_rotary, eval_mode, rotary_tables
 
 VOCAB = 100
 SMALL = dict(depth=2, aspect_ratio=32, head_dim=16, n_kv_head=2, sequence_len=32)  # 4 heads of 16: 64 wide
-VARIANTS = [  # (mlp, n_kv_head, qk_norm): each option on its own
-    ("swiglu", 4, True), ("relu2", 4, True), ("swiglu", 2, True), ("swiglu", 1, True), ("swiglu", 4, False)]
+VARIANTS = [  # each option on its own, then the optional parts together
+    dict(n_kv_head=4), dict(mlp="relu2", n_kv_head=4), dict(), dict(n_kv_head=1), dict(n_kv_head=4, qk_norm=False),
+    dict(value_embeddings=True), dict(x0_skip=True), dict(value_embeddings=True, x0_skip=True, mlp="relu2")]
 
 
 def active_model(seed: int = 0, **overrides) -> GPT:
@@ -152,9 +153,9 @@ def test_rotary_attention_scores_depend_only_on_distance():
     assert not torch.allclose(score(5, 2), score(5, 3), atol=1e-3)
 
 
-@pytest.mark.parametrize("mlp,n_kv_head,qk_norm", VARIANTS)
-def test_causality(mlp, n_kv_head, qk_norm):
-    model = active_model(mlp=mlp, n_kv_head=n_kv_head, qk_norm=qk_norm)
+@pytest.mark.parametrize("overrides", VARIANTS, ids=str)
+def test_causality(overrides):
+    model = active_model(**overrides)
     x = torch.randint(0, 100, (2, 32))
     base = model(x)
     for t in (0, 11, 31):
@@ -165,9 +166,9 @@ def test_causality(mlp, n_kv_head, qk_norm):
         assert not torch.allclose(out[:, t], base[:, t])  # the changed token itself does matter
 
 
-@pytest.mark.parametrize("mlp,n_kv_head,qk_norm", VARIANTS)
-def test_kv_cache_prefill_and_decode_equal_full_forward(mlp, n_kv_head, qk_norm):
-    model = active_model(mlp=mlp, n_kv_head=n_kv_head, qk_norm=qk_norm)
+@pytest.mark.parametrize("overrides", VARIANTS, ids=str)
+def test_kv_cache_prefill_and_decode_equal_full_forward(overrides):
+    model = active_model(**overrides)
     g = torch.Generator().manual_seed(1)
     lengths, n_new = [5, 12, 1, 9], 7
     prompts = [torch.randint(0, 100, (n,), generator=g) for n in lengths]
@@ -261,3 +262,28 @@ def test_eval_mode_restores_the_mode_it_found_even_on_an_exception():
             assert not model.training
             raise RuntimeError("boom")
         assert model.training is training
+
+
+def test_value_embeddings_and_x0_skip_shapes_init_and_optimizer_groups():
+    from nanochat.optim import param_groups
+
+    plain = GPT(ModelConfig(**{**SMALL, "depth": 3}), VOCAB)
+    model = GPT(ModelConfig(**{**SMALL, "depth": 3, "value_embeddings": True, "x0_skip": True}), VOCAB)
+    assert sorted(model.value_embeds) == ["0", "2"]  # the last layer and every other one below it
+    assert model.value_embeds["2"].weight.shape == (128, 2 * 16)  # padded vocabulary × kv_heads·head_dim
+    assert model.resid_lambdas.tolist() == [1.0] * 3 and model.x0_lambdas.tolist() == [0.0] * 3
+    extra = 2 * 128 * 32 + 2 * 3
+    assert model.num_params() == plain.num_params() + extra
+    assert model.num_params(exclude_embeddings=True) == plain.num_params(exclude_embeddings=True) + 6
+    groups = param_groups(model)
+    assert {id(p) for p in groups["embedding"]} == {id(model.wte.weight)} | {
+        id(ve.weight) for ve in model.value_embeds.values()}
+    assert {id(model.resid_lambdas), id(model.x0_lambdas)} <= {id(p) for p in groups["scalar"]}
+    x = torch.randint(0, VOCAB, (2, 8))
+    assert model(x).shape == (2, 8, VOCAB)
+    # At init both parts are silent: zero output projections mute the values, x0 starts at weight 0.
+    torch.manual_seed(0)
+    a = GPT(ModelConfig(**{**SMALL, "x0_skip": True}), VOCAB)
+    torch.manual_seed(0)
+    b = GPT(ModelConfig(**SMALL), VOCAB)
+    torch.testing.assert_close(a(x), b(x), atol=0, rtol=0)

@@ -152,3 +152,29 @@ def test_schedule_warmup_constant_warmdown():
     apply_schedule(opt, 99, 100, cfg)
     assert all(g["lr"] == pytest.approx(g["base_lr"] * mults[99]) for g in opt.param_groups)
     assert opt.optimizers[0].param_groups[0]["momentum"] == pytest.approx(0.85 + 0.1 * 99 / 300)
+
+
+def test_muon_refinements_normuon_cautious_decay_and_momentum_cooldown():
+    from nanochat.config import OptimConfig
+    from nanochat.optim import Muon, muon_momentum
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8, 4))
+    w.grad = torch.randn(8, 4)
+    before = w.detach().clone()
+    opt = Muon([w], lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.5, cautious_wd=True, normuon=True,
+               ns_dtype="float32")
+    opt.step()
+    u = (before - w.detach()) / 0.1  # decay + scaled update; the plain orthogonal update for comparison:
+    plain = torch.nn.Parameter(before.clone())
+    plain.grad = w.grad.clone()
+    Muon([plain], lr=0.1, momentum=0.0, nesterov=False, ns_dtype="float32").step()
+    orth = (before - plain.detach()) / 0.1
+    # NorMuon keeps the update's overall norm; the cautious decay touches only weights the update shrinks.
+    decayed = before * 0.05 * (u * before > 0)
+    assert torch.allclose((u * 0.1 - decayed).norm(), (orth * 0.1).norm(), rtol=1e-4)
+    assert opt.state[w]["row_second_moment"].shape == (8, 1)
+    cfg = OptimConfig(muon_momentum_warmup=10, muon_momentum_cooldown=True)
+    assert muon_momentum(20, cfg, lr_mult=1.0) == pytest.approx(0.95)
+    assert muon_momentum(20, cfg, lr_mult=0.0) == pytest.approx(0.85)
+    assert muon_momentum(20, OptimConfig(muon_momentum_warmup=10), lr_mult=0.0) == pytest.approx(0.95)

@@ -18,7 +18,8 @@ def one_thread():
 
 @pytest.mark.parametrize("options", [
     [], ["--mlp", "relu2"], ["--n-kv-head", "1"], ["--no-qk-norm"], ["--logit-softcap", "0"], ["--tie-embeddings"],
-], ids=["default", "relu2", "gqa", "no-qk-norm", "no-softcap", "tied"])
+    ["--value-embeddings", "--x0-skip"],
+], ids=["default", "relu2", "gqa", "no-qk-norm", "no-softcap", "tied", "value-embeddings+x0"])
 def test_verify_model_passes_on_cpu(options, capsys):
     assert cli(["--device", "cpu", *options]) == 0
     out = capsys.readouterr().out

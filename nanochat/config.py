@@ -237,7 +237,8 @@ class TrainConfig:
     keep_last: int = 2
     seed: int = 42
     runtime: Device = field(default_factory=DeviceConfig)
-    compile: bool = False
+    compile: bool = True
+    """torch.compile the training step's model (`--no-compile`: eager, e.g. to debug)."""
 
     def __post_init__(self) -> None:
         check_positive(self, "total_batch_tokens", "micro_batch", "tokens_per_param", "keep_last", "eval_tokens")
@@ -293,7 +294,8 @@ class ChatConfig:
     keep_last: int = 1
     seed: int = 42
     runtime: Device = field(default_factory=DeviceConfig)
-    compile: bool = False
+    compile: bool = True
+    """torch.compile the training step's model (`--no-compile`: eager, e.g. to debug)."""
     resume: bool = False
 
     def __post_init__(self) -> None:

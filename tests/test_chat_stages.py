@@ -26,7 +26,7 @@ def home(tmp_path, monkeypatch):
 
 
 def chat_config(**overrides) -> ChatConfig:
-    cfg = ChatConfig(run="c", tasks="identity", batch_size=4, micro_batch=2, max_steps=2, keep_last=3,
+    cfg = ChatConfig(run="c", tasks="identity", batch_size=4, micro_batch=2, max_steps=2, keep_last=3, compile=False,
                      runtime=DeviceConfig(device="cpu"), optim=OptimConfig(reference_batch_tokens=256))
     return dataclasses.replace(cfg, **overrides)
 
@@ -82,3 +82,24 @@ def test_a_failing_step_closes_the_logger(home, monkeypatch):
         train_chat("mid", chat_config(), RT)
     assert [logger.closed for logger in RecordingLogger.made] == [True]
     assert latest("c", "mid") is None  # nothing half-written
+
+
+def test_compiled_sft_compiles_once_for_rows_of_every_width(home, monkeypatch):
+    import torch._dynamo
+
+    from nanochat.data.chat import ChatBatches
+
+    widths = []
+    real_next = ChatBatches.__next__
+
+    def recording_next(self):
+        x, y = real_next(self)
+        widths.append(x.shape[1])
+        return x, y
+
+    monkeypatch.setattr(ChatBatches, "__next__", recording_next)
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # a recompile fails the test
+    summary = train_chat("sft", chat_config(compile=True, max_steps=6), RT)
+    assert summary["steps"] == 6 and len(set(widths[:12])) > 2  # the rows really did change width
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # and the step really was compiled

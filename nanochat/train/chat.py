@@ -103,8 +103,8 @@ def train_chat(stage: str, cfg: ChatConfig, rt: Runtime) -> dict:
         stage=stage, run=cfg.run, model=model, optimizer=optimizer, optim=optim, batches=batches, accum=accum,
         total_steps=total_steps, config=config, resume_keys={"tasks": cfg.tasks, "run": cfg.run},
         meta={"tokenizer": base_meta["tokenizer"], "start_from": start_from}, resume=cfg.resume,
-        compile=cfg.compile, eval_every=cfg.eval_every, save_every=cfg.save_every, keep_last=cfg.keep_last,
-        evaluate=probes.evaluate, conclude=probes.conclude)
+        compile=cfg.compile, varying_width=not packed, eval_every=cfg.eval_every, save_every=cfg.save_every,
+        keep_last=cfg.keep_last, evaluate=probes.evaluate, conclude=probes.conclude)
     write0(f"{stage} {cfg.run} from {start_from}: {len(train_convs):,} conversations ({spec}), {total_steps} steps "
            f"of {cfg.batch_size} {'rows' if packed else 'conversations'}")
     result = train_stage(plan, rt)

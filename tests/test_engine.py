@@ -45,8 +45,9 @@ class Scripted(nn.Module):
         return logits
 
 
-@pytest.mark.parametrize("parts", [{"value_embeddings": False}, {"value_embeddings": True, "x0_skip": True}],
-                         ids=["plain", "ve+x0"])
+@pytest.mark.parametrize("parts", [{"value_embeddings": False, "smear": False, "bigram_multiple": 0},
+                                   {"value_embeddings": True, "x0_skip": True, "ve_gate": True}],
+                         ids=["plain", "default+ve-gate+x0"])
 def test_kv_cache_generation_equals_naive_recompute(tok, parts):
     torch.manual_seed(0)
     model = GPT(ModelConfig(depth=2, aspect_ratio=32, head_dim=16, sequence_len=64, **parts), tok.vocab_size)

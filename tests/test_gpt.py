@@ -6,14 +6,16 @@ import torch
 
 from nanochat.config import PRESETS, ConfigError, ModelConfig
 from nanochat.errors import NanochatError
-from nanochat.gpt import GPT, KVCache, apply_rotary, eval_mode, rotary_tables
+from nanochat.gpt import GPT, KVCache, apply_rotary, eval_mode, norm, rotary_tables
 
 VOCAB = 100
 SMALL = dict(depth=2, aspect_ratio=32, head_dim=16, n_kv_head=2, sequence_len=32,  # 4 heads of 16: 64 wide
-             value_embeddings=False)  # the plain model: the optional parts are VARIANTS of their own
+             value_embeddings=False, smear=False, bigram_multiple=0)  # the plain model: the other parts are VARIANTS
 VARIANTS = [  # each option on its own, then the optional parts together
     dict(n_kv_head=4), dict(mlp="relu2", n_kv_head=4), dict(), dict(n_kv_head=1), dict(n_kv_head=4, qk_norm=False),
-    dict(value_embeddings=True), dict(x0_skip=True), dict(value_embeddings=True, x0_skip=True, mlp="relu2")]
+    dict(value_embeddings=True), dict(x0_skip=True), dict(value_embeddings=True, x0_skip=True, mlp="relu2"),
+    dict(smear=True), dict(bigram_multiple=2),
+    dict(value_embeddings=True, ve_gate=True, value_embed_every=1, attn_scale=0.3, smear=True, bigram_multiple=1)]
 
 
 def active_model(seed: int = 0, **overrides) -> GPT:
@@ -288,3 +290,33 @@ def test_value_embeddings_and_x0_skip_shapes_init_and_optimizer_groups():
     torch.manual_seed(0)
     b = GPT(ModelConfig(**SMALL), VOCAB)
     torch.testing.assert_close(a(x), b(x), atol=0, rtol=0)
+
+
+def test_smear_and_bigram_shapes_init_and_optimizer_groups():
+    from nanochat.optim import param_groups
+
+    plain = GPT(ModelConfig(**SMALL), VOCAB)
+    model = GPT(ModelConfig(**{**SMALL, "smear": True, "bigram_multiple": 3}), VOCAB)
+    assert model.bigram_embed.weight.shape == (3 * 128, 64)  # 3 rows per padded-vocabulary row, n_embd wide
+    assert model.num_params() == plain.num_params() + 3 * 128 * 64 + 17  # the table; 16 gate weights + strength
+    assert model.num_params(exclude_embeddings=True) == plain.num_params(exclude_embeddings=True) + 17
+    groups = param_groups(model)
+    assert any(p is model.bigram_embed.weight for p in groups["embedding"])  # AdamW, not Muon
+    assert any(p is model.smear_gate for p in groups["scalar"])
+    # At init both are silent (zero table, zero smear strength): the plain model's outputs, same weights.
+    model.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randint(0, VOCAB, (2, 8))
+    torch.testing.assert_close(model(x), plain(x), atol=0, rtol=0)
+
+
+def test_bigram_embedding_reads_the_pair_of_previous_and_current_token():
+    model = active_model(bigram_multiple=2)
+    x = torch.tensor([[5, 9, 17, 30, 41, 52]])
+    twin = x.clone()
+    twin[0, 2] = 18
+    with torch.no_grad():
+        model.wte.weight[18] = model.wte.weight[17]  # token 18 embeds exactly like 17: only the pairs differ
+        a = model._add_previous_token(x, norm(model.wte(x)), slice(0, 6), None)
+        b = model._add_previous_token(twin, norm(model.wte(twin)), slice(0, 6), None)
+    changed = [not torch.allclose(a[0, t], b[0, t]) for t in range(6)]
+    assert changed == [False, False, True, True, False, False]  # the pairs (9, 17→18) and (17→18, 30)

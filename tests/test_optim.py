@@ -42,14 +42,16 @@ def test_grouping_puts_each_tensor_where_intended():
     names = {id(p): n for n, p in model.named_parameters()}
     matrix = {names[id(p)] for p in groups["matrix"]}
     assert matrix == {n for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim == 2}
-    # token and value embeddings (the default: the last layer and every other one below it)
-    assert [names[id(p)] for p in groups["embedding"]] == ["wte.weight", "value_embeds.1.weight"]
+    # token, value (the default: the last layer and every other one below it) and bigram embeddings;
+    # the smear gate is a vector
+    assert [names[id(p)] for p in groups["embedding"]] == ["wte.weight", "value_embeds.1.weight", "bigram_embed.weight"]
+    assert any(p is model.smear_gate for p in groups["scalar"])
     assert [names[id(p)] for p in groups["unembedding"]] == ["lm_head.weight"]
     assert all(p.ndim < 2 for p in groups["scalar"])
     assert sum(map(len, groups.values())) == len(list(model.parameters()))
     with_emb = param_groups(model, muon_embeddings=True)
     assert any(p is model.wte.weight for p in with_emb["matrix"])
-    assert [names[id(p)] for p in with_emb["embedding"]] == ["value_embeds.1.weight"]  # lookups stay on AdamW
+    assert [names[id(p)] for p in with_emb["embedding"]] == ["value_embeds.1.weight", "bigram_embed.weight"]  # AdamW
     opt = build_optimizer(model, OptimConfig(), total_batch_tokens=2**19)
     muon = opt.optimizers[0]
     assert isinstance(muon, Muon)

@@ -306,7 +306,7 @@ def test_smear_and_bigram_shapes_init_and_optimizer_groups():
     # At init both are silent (zero table, zero smear strength): the plain model's outputs, same weights.
     model.load_state_dict(plain.state_dict(), strict=False)
     x = torch.randint(0, VOCAB, (2, 8))
-    torch.testing.assert_close(model(x), plain(x), atol=0, rtol=0)
+    torch.testing.assert_close(model(x), plain(x), atol=1e-6, rtol=0)  # up to re-normalising a unit-RMS input
 
 
 def test_bigram_embedding_reads_the_pair_of_previous_and_current_token():

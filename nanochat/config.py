@@ -127,13 +127,14 @@ class ModelConfig:
     smear: bool = True
     """Add a gated copy of the previous token's embedding to each token's (modded-nanogpt's smear):
     the previous-token signal the first attention layer would otherwise spend itself on.
-    −0.4% validation bpb on the tiny shape alone, −0.3% on top of the bigram table."""
+    −0.4% validation bpb on the tiny shape alone, −0.25% on top of the bigram table."""
     bigram_multiple: int = 4
     """Add a learned embedding of the (previous, current) token pair, hashed into a table of this
     many rows per vocabulary row (modded-nanogpt's bigram hash embedding); 0 = off. The largest
-    win of the recipe ablation: −2.7% validation bpb on the tiny shape at ×4, −4.2% at ×16, at
-    unchanged speed (a lookup, not a matmul). Its rows cost memory, not FLOPs: ×4 is what the GPU
-    presets afford (262,144 × n_embd), the tiny preset takes ×16."""
+    win of the recipe ablation: −2.7% validation bpb on the tiny shape at ×4, −4.2% at ×16. A lookup,
+    not a matmul, so no FLOPs; but its gradient and AdamW state are dense, a few percent of a tiny
+    step on two CPU threads. Its rows cost memory: ×4 is what the GPU presets afford
+    (262,144 × n_embd), the tiny preset takes ×16."""
     attn_scale: float = 0.0
     """Attention logit scale; 0 = 1/sqrt(head_dim). With QK-norm, a larger scale lets heads attend sharper."""
     x0_skip: bool = False

@@ -150,8 +150,7 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, d)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.c_v(x)
-        v = v.view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         if ve is not None:  # this layer's value embedding of the same tokens (B, T, kv_heads·d)
             ve = ve.view(B, T, self.n_kv_head, self.head_dim)
             if self.ve_gate is not None:  # per token and head, in (0, 2), starting at 1
@@ -312,12 +311,14 @@ class GPT(nn.Module):
         """Mix what the previous token was into each token's embedding (smear and/or bigram hash).
         The previous token is the one before in the row, or the row's last cached token; a token at
         position 0 (a row's first real token) has none."""
-        if kv_cache is None:
+        if kv_cache is None:  # training: no token before a row's first, so nothing to look up for it
             first = torch.zeros_like(idx[:, :1])
+            first_x = torch.zeros_like(x[:, :1])
             has_prev = torch.ones_like(idx, dtype=torch.bool)
             has_prev[:, 0] = False
         else:
             first = kv_cache.last_token[:, None]
+            first_x = norm(self.wte(first)) if self.config.smear else None
             if isinstance(positions, slice):
                 has_prev = (torch.arange(positions.start, positions.stop, device=idx.device) > 0).expand_as(idx)
             else:
@@ -326,7 +327,7 @@ class GPT(nn.Module):
         prev = torch.cat((first, idx[:, :-1]), dim=1)
         if self.config.smear:
             # x_t += λ·sigmoid(w·x_t[:16])·x_{t-1}: how much of the previous token each token takes in.
-            prev_x = torch.cat((norm(self.wte(first)), x[:, :-1]), dim=1) * has_prev.unsqueeze(-1)
+            prev_x = torch.cat((first_x, x[:, :-1]), dim=1) * has_prev.unsqueeze(-1)
             w, strength = self.smear_gate[:-1], self.smear_gate[-1]
             gate = strength * torch.sigmoid(x[..., :SMEAR_CHANNELS] @ w.to(x.dtype))
             x = x + gate.unsqueeze(-1) * prev_x
@@ -347,13 +348,16 @@ class GPT(nn.Module):
         return KVCache(cfg.depth, batch_size, cfg.kv_heads, max_len, cfg.head_dim, pad,
                        self.lm_head.weight.device, dtype)
 
+    def lookup_tables(self) -> list[nn.Parameter]:
+        """The weights used as lookups rather than matmuls: the token, value and bigram embeddings."""
+        return [m.weight for m in self.modules() if isinstance(m, nn.Embedding)]
+
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Parameters (a tied matrix once). exclude_embeddings drops the embeddings (token, value,
-        bigram), lookups rather than matmuls; a tied head's matrix is still counted, as the head uses it."""
+        """Parameters (a tied matrix once). exclude_embeddings drops the lookup tables; a tied head's
+        matrix is still counted, as the head uses it."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
-            head = self.lm_head.weight
-            n -= sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding) and m.weight is not head)
+            n -= sum(w.numel() for w in self.lookup_tables() if w is not self.lm_head.weight)
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:

@@ -149,8 +149,7 @@ def param_groups(model: nn.Module, muon_embeddings: bool = False) -> dict[str, l
     groups: dict[str, list[nn.Parameter]] = {"matrix": [], "embedding": [], "unembedding": [], "scalar": []}
     seen: set[int] = set()
     embedding = model.wte.weight
-    # Value and bigram embeddings: every lookup table other than the token embedding.
-    lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} - {id(embedding)}
+    lookups = {id(w) for w in model.lookup_tables()} - {id(embedding)}  # value and bigram embeddings
     head = model.lm_head.weight
     for p in model.parameters():  # parameters() yields a tied tensor once
         if id(p) in seen:

@@ -34,14 +34,16 @@ from nanochat.tokenizer import Tokenizer
 
 # name -> extra `nanochat pretrain` flags, each against today's default (which the ablation in
 # benchmarks/README.md produced: bigram table ×16, smear, value embeddings, soft-cap 30, Muon rate
-# 0.04 with momentum 0.85 on tiny). Eager unless a variant
+# 0.04 with momentum 0.85 on tiny; bf16 autocast on a CPU with bf16 matmuls). Eager unless a variant
 # asks for --compile or the run passes --compile, so that the rows compare like with like.
 VARIANTS: dict[str, list[str]] = {
     "default": [],
-    # The recipe the ablation began from, before issue 17.
-    "before-issue-17": ["--no-value-embeddings", "--no-smear", "--bigram-multiple", "0", "--logit-softcap", "15",
-                        "--optim.matrix-lr", "0.02", "--optim.muon-momentum", "0.95"],
+    # The recipe the ablation began from, before issue 17 (fp32 then, as the CPU default was).
+    "before-issue-17": ["--dtype", "float32", "--no-value-embeddings", "--no-smear", "--bigram-multiple", "0",
+                        "--logit-softcap", "15", "--optim.matrix-lr", "0.02", "--optim.muon-momentum", "0.95"],
     "compile": ["--compile"],
+    "fp32": ["--dtype", "float32"],
+    "bf16": ["--dtype", "bfloat16"],
     # Each adopted part taken out again.
     "no-bigram": ["--bigram-multiple", "0"],
     "bigram-x4": ["--bigram-multiple", "4"],

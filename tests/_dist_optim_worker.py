@@ -14,7 +14,7 @@ from nanochat.optim import build_optimizer  # noqa: E402
 from nanochat.runtime import init_runtime, teardown  # noqa: E402
 from nanochat.train.loop import train_step  # noqa: E402
 
-rt = init_runtime(device="cpu")
+rt = init_runtime(device="cpu", dtype="float32")  # compared within fp32 tolerance
 model = tiny_gpt()
 opt = build_optimizer(model, OptimConfig(), total_batch_tokens=4 * 16)
 for group in opt.optimizers[0].param_groups:

@@ -14,7 +14,7 @@ from nanochat.gpt import GPT
 from nanochat.runtime import init_runtime
 from nanochat.tokenizer import Tokenizer
 
-RT = init_runtime(device="cpu")
+RT = init_runtime(device="cpu", dtype="float32")  # compared with plain fp32 forward passes
 
 
 @pytest.fixture(scope="module")

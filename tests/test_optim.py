@@ -12,7 +12,7 @@ from nanochat.optim import Muon, apply_schedule, build_optimizer, lr_multiplier,
 from nanochat.runtime import init_runtime
 from nanochat.train.loop import grad_accum_steps, train_step
 
-RT = init_runtime(device="cpu")
+RT = init_runtime(device="cpu", dtype="float32")  # accumulation math, not bf16 rounding
 
 
 @pytest.mark.parametrize("shape", [(512, 128), (128, 512), (384, 384), (4, 96, 48)])

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat.runtime import init_runtime, peak_flops, pick_dtype
+from nanochat.runtime import cpu_has_native_bf16, init_runtime, peak_flops, pick_dtype
 
 
 def test_peak_flops_table():
@@ -17,12 +17,23 @@ def test_peak_flops_table():
     assert peak_flops("Some Future Accelerator") is None
 
 
-def test_cpu_runtime_is_fp32_single_process(monkeypatch):
+def test_cpu_runtime_single_process_and_its_dtype_rule(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     rt = init_runtime(device="cpu", seed=0)
-    assert (rt.device.type, rt.autocast_dtype, rt.rank, rt.world_size, rt.master) == ("cpu", None, 0, 1, True)
-    assert pick_dtype(torch.device("cpu"), "bfloat16") is torch.bfloat16  # explicit override wins
+    assert (rt.device.type, rt.rank, rt.world_size, rt.master) == ("cpu", 0, 1, True)
+    assert rt.autocast_dtype is (torch.bfloat16 if cpu_has_native_bf16() else None)
+    # auto: bf16 exactly where the CPU multiplies bf16 in hardware, whichever probe says so
+    for avx512_bf16, amx, expect in ((True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                     (False, False, None)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert pick_dtype(torch.device("cpu")) is expect
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the probes: fp32
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert pick_dtype(torch.device("cpu")) is None
+    assert pick_dtype(torch.device("cpu"), "bfloat16") is torch.bfloat16  # explicit choices win
+    assert init_runtime(device="cpu", dtype="float32").autocast_dtype is None
     with init_runtime(device="cpu", dtype="bfloat16").autocast():
         y = torch.nn.Linear(4, 4)(torch.randn(2, 4))
     assert y.dtype is torch.bfloat16

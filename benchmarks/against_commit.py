@@ -62,12 +62,12 @@ def nanochat(tree: Path, home: Path, args: list[str], log: Path) -> float:
 
 def final_bpb(home: Path) -> float | None:
     """The last validation bpb of the base stage in runs/tiny/metrics.jsonl (read as plain JSON, so
-    that either side's metrics format does)."""
+    that either side's metrics format does; the base stage was called "pretrain" once)."""
     bpb = None
     with (home / "runs" / "tiny" / "metrics.jsonl").open() as f:
         for line in f:
             record = json.loads(line)
-            if record.get("stage", "base") == "base" and "val_bpb" in record:
+            if record.get("stage", "base") in ("base", "pretrain") and "val_bpb" in record:  # "pretrain" before the shared loop
                 bpb = record["val_bpb"]
     return bpb
 

@@ -67,7 +67,7 @@ def final_bpb(home: Path) -> float | None:
     with (home / "runs" / "tiny" / "metrics.jsonl").open() as f:
         for line in f:
             record = json.loads(line)
-            if record.get("stage", "base") in ("base", "pretrain") and "val_bpb" in record:  # "pretrain" before the shared loop
+            if record.get("stage", "base") in ("base", "pretrain") and "val_bpb" in record:
                 bpb = record["val_bpb"]
     return bpb
 

@@ -183,7 +183,7 @@ def describe() -> dict:
             })
     elif torch.backends.mps.is_available():
         devices.append({"type": "mps", "name": "Apple GPU"})
-    devices.append({"type": "cpu", "name": _cpu_name(), "cores": os.cpu_count()})
+    devices.append({"type": "cpu", "name": _cpu_name(), "cores": os.cpu_count(), "bf16_matmul": cpu_has_native_bf16()})
     env = torchrun_env()
     nc_home = home()
     probe = nc_home if nc_home.exists() else next(p for p in nc_home.parents if p.exists())
@@ -193,6 +193,7 @@ def describe() -> dict:
         "cuda": torch.version.cuda,
         "numpy": np.__version__,
         "default_device": str(pick_device()),
+        "default_dtype": str(pick_dtype(pick_device()) or torch.float32).removeprefix("torch."),
         "devices": devices,
         "torchrun": None if env is None else {"rank": env[0], "local_rank": env[1], "world_size": env[2]},
         "home": str(nc_home),

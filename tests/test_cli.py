@@ -24,6 +24,10 @@ def test_info_json_reports_versions_devices_and_home(tmp_path, monkeypatch):
     assert info["home_free_gib"] > 0
     assert info["torchrun"] is None
     assert any(d["type"] == "cpu" for d in info["devices"])
+    from nanochat.runtime import pick_device, pick_dtype
+
+    assert info["default_dtype"] == str(pick_dtype(pick_device()) or torch.float32).removeprefix("torch.")
+    assert info["default_dtype"] in ("bfloat16", "float32")
 
 
 def test_info_table(capsys):

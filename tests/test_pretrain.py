@@ -120,6 +120,29 @@ def test_refusals_name_the_fix(corpus):
                         model=ModelConfig(depth=3, aspect_ratio=32, head_dim=32, sequence_len=32)), RT)
 
 
+def test_compiled_pretraining_compiles_once_and_learns_as_eager(corpus):
+    """The default path (compiled, with --dtype auto: bf16 autocast on a CPU with bf16 matmuls):
+    one graph for every step, evaluations in between included, and the same losses as eager."""
+    import torch._dynamo
+
+    from nanochat.config import run_dir
+    from nanochat.metrics import read_metrics
+
+    def losses(run):
+        return [r["loss"] for r in read_metrics(run_dir(run) / "metrics.jsonl") if "loss" in r]
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a recompile after warm-up fails the test
+        pretrain(config(corpus, "compiled", compile=True, max_steps=6, eval_every=3, save_every=0), RT)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the step really was compiled
+    pretrain(config(corpus, "eager", max_steps=6, eval_every=3, save_every=0), RT)
+    compiled, eager = losses("compiled"), losses("eager")
+    assert len(compiled) == len(eager) == 6 and compiled[-1] < compiled[0]
+    tolerance = 2e-2 if RT.autocast_dtype is not None else 1e-4  # bf16 rounds fused kernels differently
+    assert compiled == pytest.approx(eager, rel=tolerance)
+
+
 def unigram_bpb(corpus, tok):
     """Cross-entropy of the validation text under the training split's token frequencies (add-one)."""
     from nanochat.data.sources import folder_source

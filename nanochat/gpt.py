@@ -21,6 +21,9 @@
   every other layer, added to the attention values (token identity for the deep layers; −2.9%).
   Optional: a gate on the value embeddings, an x0 mix-in of the token embedding before each block
   with learned per-layer scalars, and a different attention scale (all measured neutral here).
+- The loss: head, soft-cap (logits bounded to ±cap by tanh) and cross-entropy in fp32. Where the
+  logits of a micro-batch would be large (over 2^28 elements, e.g. 32 × 2048 × 65,536 at d20:
+  17 GB in fp32), they are made a chunk of rows at a time and never held whole (`head_loss`).
 - A KV cache for generation: prefill a batch of prompts, then decode one token at a time. The
   cache owns where the next tokens sit: their rotary positions and the attention mask they need,
   and each row's last token (what the smear and the bigram of the next token read).
@@ -58,6 +61,82 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 def norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
+
+
+# Logits above this many elements (1 GiB in fp32) are made a chunk of rows of this size at a time: d20's
+# 32 × 2048 rows × 65,536 (17 GB) in 16 chunks, few enough for torch.compile to unroll the loop.
+LOSS_CHUNK_ELEMENTS = 2**28
+
+
+def _capped_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float) -> torch.Tensor:
+    """fp32 logits of hidden rows `h` (N, C) against head rows `weight` (V, C), soft-capped to ±softcap."""
+    logits = F.linear(h, weight).float()
+    return softcap * torch.tanh(logits / softcap) if softcap else logits
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Summed cross-entropy of softcap(h·Wᵀ) against targets (-1: no loss), `rows` rows at a time.
+
+    Each chunk's logits live only while that chunk is processed: the forward pass computes the
+    chunk's loss and, at once, its gradients with respect to h and W (the logits' gradient is
+    softmax − one-hot, times the soft-cap's tanh derivative), and keeps only those two gradients
+    (N×C and V×C), never the N×V logits that the plain path saves for its backward. The backward
+    pass scales them by the incoming gradient. The matmuls run in h's dtype (bf16 under autocast,
+    as the plain path's), the softmax and the loss in fp32. (The fused linear-cross-entropy
+    kernels of Liger and Apple's Cut Cross-Entropy use the same identity.)
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float,
+                rows: int) -> torch.Tensor:
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        w = weight  # under autocast every matmul below casts it, as the plain path does
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.size(0), rows):
+            hc, tc = h[start:start + rows], targets[start:start + rows]
+            raw = F.linear(hc, w).float()
+            capped = softcap * torch.tanh(raw / softcap) if softcap else raw
+            keep = tc != -1
+            safe = tc.clamp(min=0)
+            logz = torch.logsumexp(capped, dim=-1)
+            total += ((logz - capped.gather(1, safe[:, None]).squeeze(1)) * keep).sum()
+            g = torch.softmax(capped, dim=-1)  # d loss / d capped: softmax − one-hot on counted rows
+            g.scatter_add_(1, safe[:, None], -torch.ones_like(g[:, :1]))
+            g *= keep[:, None]
+            if softcap:  # d capped / d raw = 1 − tanh² = 1 − (capped / cap)²
+                g *= 1 - (capped / softcap).square()
+            g = g.to(h.dtype)
+            grad_h[start:start + rows] = g @ w
+            grad_w += (g.t() @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out, None, None, None
+
+
+def head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float,
+              max_elements: int | None = None) -> torch.Tensor:
+    """Summed cross-entropy of the soft-capped head logits of hidden rows `h` (N, C) against
+    `targets` (N,; -1 = no loss), W = `weight` (V, C) the head rows of the real vocabulary.
+
+    When N×V logits fit in `max_elements` (the tiny preset: 4,096 × 4,096), the plain expression,
+    which torch.compile fuses; above it, `rows` at a time so that no N×V tensor is ever held: with
+    gradients through `_ChunkedHeadLoss`, without (evaluation) chunk by chunk under no_grad.
+    `max_elements` defaults to LOSS_CHUNK_ELEMENTS."""
+    n, vocab = h.size(0), weight.size(0)
+    max_elements = max_elements or LOSS_CHUNK_ELEMENTS
+    if n * vocab <= max_elements:
+        logits = _capped_logits(h, weight, softcap)
+        return F.cross_entropy(logits, targets, ignore_index=-1, reduction="sum")
+    rows = max(1, max_elements // vocab)
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _ChunkedHeadLoss.apply(h, weight, targets, softcap, rows)
+    return sum(F.cross_entropy(_capped_logits(h[i:i + rows], weight, softcap), targets[i:i + rows],
+                               ignore_index=-1, reduction="sum") for i in range(0, n, rows))
 
 
 def rotary_tables(n_pos: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,13 +374,10 @@ class GPT(nn.Module):
             x = block(x, ve, cos, sin, attn_mask, is_causal, kv_cache)
         x = norm(x)
 
-        logits = self.lm_head(x)[..., :self.vocab_size].float()
-        if self.config.logit_softcap:  # smoothly bound logits to ±cap
-            logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction="sum")
+        head = self.lm_head.weight[:self.vocab_size]  # the padded rows are never a target
+        if targets is None:  # soft-cap: smoothly bound logits to ±cap
+            return _capped_logits(x, head, self.config.logit_softcap)
+        loss = head_loss(x.flatten(0, 1), head, targets.reshape(-1), self.config.logit_softcap)
         if loss_reduction == "sum":
             return loss
         return loss / (targets != -1).sum().clamp(min=1)

@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
+from nanochat import gpt as gpt_module
 from nanochat.config import PRESETS, ConfigError, ModelConfig
 from nanochat.errors import NanochatError
-from nanochat.gpt import GPT, KVCache, apply_rotary, eval_mode, norm, rotary_tables
+from nanochat.gpt import GPT, KVCache, apply_rotary, eval_mode, head_loss, norm, rotary_tables
 
 VOCAB = 100
 SMALL = dict(depth=2, aspect_ratio=32, head_dim=16, n_kv_head=2, sequence_len=32,  # 4 heads of 16: 64 wide
@@ -230,6 +231,68 @@ def test_kv_cache_positions_and_mask():
     cache.pos = 10
     with pytest.raises(NanochatError, match="KV cache full"):
         cache.positions_and_mask(1)
+
+
+def _saved_numels(fn):
+    """Run fn() and return the sizes of the tensors autograd saved for the backward pass."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sizes
+
+
+@pytest.mark.parametrize("softcap", [0.0, 15.0])
+def test_chunked_head_loss_equals_the_plain_loss_and_gradients(softcap):
+    torch.manual_seed(0)
+    N, C, V = 300, 32, 500  # chunks of 64 rows: the last one is partial
+    h = torch.randn(N, C, requires_grad=True)
+    w = (torch.randn(V, C) * 0.3).requires_grad_()
+    t = torch.randint(0, V, (N,))
+    t[::7] = -1
+    t[64:128] = -1  # a whole chunk with nothing to learn
+    plain, plain_saved = _saved_numels(lambda: head_loss(h, w, t, softcap, max_elements=N * V))
+    (plain * 0.5).backward()
+    expect = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    chunked, chunked_saved = _saved_numels(lambda: head_loss(h, w, t, softcap, max_elements=64 * V))
+    (chunked * 0.5).backward()
+    torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=0)
+    torch.testing.assert_close(h.grad, expect[0])  # fp32 defaults: rtol 1.3e-6, atol 1e-5
+    torch.testing.assert_close(w.grad, expect[1])
+    with torch.no_grad():  # evaluation: chunked too, no gradients
+        torch.testing.assert_close(head_loss(h, w, t, softcap, max_elements=64 * V), plain, rtol=1e-6, atol=0)
+    assert max(plain_saved) >= N * V  # the plain path keeps N×V logits for its backward …
+    assert max(chunked_saved) < N * V // 2  # … the chunked one never does
+
+
+def test_model_with_a_chunked_loss_trains_as_with_the_plain_one(monkeypatch):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(depth=2, aspect_ratio=32, head_dim=32, sequence_len=32), 300)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randint(0, 300, (4, 33))
+    idx, targets = x[:, :-1], x[:, 1:].clone()
+    targets[0, :9] = -1
+
+    def loss_and_grads(run):
+        model.zero_grad()
+        loss = run(idx, targets, loss_reduction="sum")
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    plain = loss_and_grads(model)
+    monkeypatch.setattr(gpt_module, "LOSS_CHUNK_ELEMENTS", 40 * 300)  # 128 rows → 4 chunks, the last partial
+    for run in (model, torch.compile(model, backend="aot_eager")):  # and traced through the compiler
+        loss, grads = loss_and_grads(run)
+        torch.testing.assert_close(loss, plain[0], rtol=1e-6, atol=0)
+        for got, expect in zip(grads, plain[1], strict=True):
+            torch.testing.assert_close(got, expect, rtol=0, atol=1e-5)
 
 
 def test_bf16_autocast_forward_backward_and_cache():

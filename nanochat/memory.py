@@ -1,0 +1,138 @@
+"""How much memory one rank needs to train a model: an estimate from the shape alone.
+
+    params       fp32 master weights                                   4 B × parameters
+    grads        fp32 gradients (they persist across micro-batches)    4 B × parameters
+    optimizer    AdamW: two fp32 moments; Muon: one fp32 momentum       8 B / 4 B × its parameters
+    ddp          DistributedDataParallel's gradient buckets (W > 1)     4 B × parameters
+    casts        bf16 copies of the matmul weights autocast makes       2 B × matmul parameters
+    activations  what autograd saves for the backward pass, per token and layer (below)
+    loss         the head's logits while the loss and its gradient are computed
+
+Activations, counted from what this package's GPT saves in eager mode (checked exactly against
+autograd's saved tensors on the CPU in tests/test_memory.py), per token and block, with C =
+n_embd (= n_head · head_dim), K = n_kv_head · head_dim, F = the MLP's hidden size, H/Hk heads:
+
+    fp32   4 · (10·C + K + 4·F + 2·H + Hk + 2)  bytes
+    bf16   32·C + 4·K + 8·F + 8·H + 4·Hk + 8    bytes   (norms run in fp32 under autocast; each of
+           q/k/v and gate/up casts its normed input to bf16 on its own)
+
+(SwiGLU's 4·F hidden tensors are 2·F for ReLU²; the x0 mix-in adds 4·C per layer)
+
+plus per token the embedding's and final norm's inputs, and per value-embedding layer its lookup.
+The plain loss holds four fp32 N×V tensors at its peak (logits, soft-capped, log-softmax, their
+gradient); the chunked loss (`gpt.head_loss`) holds only the gradients of h and W and one chunk.
+
+Compiled, the model saves less (inductor fuses elementwise work and recomputes cheap parts), so
+the eager figure is an upper bound for a compiled run. Not counted: the allocator's fragmentation
+and the CUDA context, which `fits` leaves headroom for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from nanochat.config import ModelConfig
+from nanochat.gpt import LOSS_CHUNK_ELEMENTS, SMEAR_CHANNELS, VE_GATE_CHANNELS
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes of peak training memory on one rank, by kind."""
+
+    params: int
+    grads: int
+    optimizer: int
+    ddp: int
+    casts: int
+    activations: int
+    loss: int
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, f.name) for f in fields(self))
+
+    def table(self) -> str:
+        """One line per kind, in GiB, and the total."""
+        rows = [f"  {f.name:<12} {getattr(self, f.name) / GIB:8.2f} GiB" for f in fields(self)]
+        return "\n".join([*rows, f"  {'total':<12} {self.total / GIB:8.2f} GiB"])
+
+
+def _padded(vocab_size: int) -> int:
+    return -(-vocab_size // 64) * 64  # as GPT.padded_vocab_size
+
+
+def parameter_counts(cfg: ModelConfig, vocab_size: int) -> dict[str, int]:
+    """Parameters by what the optimizer does with them: `muon` (the blocks' matrices), `adamw`
+    (embeddings, head, lookup tables, vectors), and `matmul` (what autocast casts: blocks + head)."""
+    C, K, F, V = cfg.n_embd, cfg.kv_heads * cfg.head_dim, cfg.mlp_hidden, _padded(vocab_size)
+    per_block = C * C + 2 * C * K + C * C + (3 if cfg.mlp == "swiglu" else 2) * C * F
+    ve_layers = sum(cfg.has_value_embedding(i) for i in range(cfg.depth))
+    gates = ve_layers * VE_GATE_CHANNELS * cfg.kv_heads if cfg.ve_gate else 0  # matrices in blocks: Muon's
+    muon = cfg.depth * per_block + gates
+    head = 0 if cfg.tie_embeddings else V * C
+    tables = V * C + ve_layers * V * K + cfg.bigram_multiple * V * C
+    vectors = (SMEAR_CHANNELS + 1 if cfg.smear else 0) + (2 * cfg.depth if cfg.x0_skip else 0)
+    return {"muon": muon, "adamw": head + tables + vectors, "matmul": cfg.depth * per_block + gates + V * C}
+
+
+def activation_bytes_per_token(cfg: ModelConfig, bf16: bool) -> int:
+    """Bytes autograd saves per token for the whole model, the loss excluded (see the module docstring)."""
+    C, K, F = cfg.n_embd, cfg.kv_heads * cfg.head_dim, cfg.mlp_hidden
+    H, Hk = cfg.n_head, cfg.kv_heads
+    # SwiGLU saves h, gate, silu(gate) and their product; ReLU² only relu(h) and its square.
+    F_saved = 2 * F if cfg.mlp == "relu2" else 4 * F
+    if bf16:
+        per_layer = 32 * C + 4 * K + 2 * F_saved + 8 * H + 4 * Hk + 8
+    else:
+        per_layer = 4 * (10 * C + K + F_saved + 2 * H + Hk + 2)
+    if cfg.x0_skip:  # each block's input mixed with x0: the residual saved once more per layer
+        per_layer += 4 * C
+    n_ve = sum(cfg.has_value_embedding(i) for i in range(cfg.depth))
+    ve = n_ve * K * (2 if bf16 else 4)  # the value embedding added to v
+    if cfg.ve_gate:  # the gate's input channels and its sigmoid, per head
+        ve += n_ve * 4 * (VE_GATE_CHANNELS + 2 * Hk)
+    # The embedding's norm (input + rstd), the smear/bigram mixing (about three C-vectors), the
+    # final norm (input + rstd) and its normed output, cast for the head under autocast.
+    outer = 4 * (C + 1) + (12 * C if cfg.smear or cfg.bigram_multiple else 0) + 4 * (C + 1) + (2 if bf16 else 4) * C
+    return cfg.depth * per_layer + ve + outer + 8  # + the token ids
+
+
+def loss_bytes(cfg: ModelConfig, vocab_size: int, tokens: int, chunk_elements: int | None = None) -> int:
+    """Peak bytes of the head's loss for `tokens` rows: four fp32 N×V tensors on the plain path;
+    the gradients of h and W plus four tensors of one chunk on the chunked path."""
+    limit = chunk_elements or LOSS_CHUNK_ELEMENTS
+    elements = tokens * vocab_size
+    if elements <= limit:
+        return 16 * elements
+    return 4 * tokens * cfg.n_embd + 4 * vocab_size * cfg.n_embd + 16 * limit
+
+
+def estimate(cfg: ModelConfig, vocab_size: int, micro_batch: int, bf16: bool, world_size: int = 1,
+             seq_len: int | None = None) -> MemoryEstimate:
+    """Peak training memory of one rank for micro-batches of `micro_batch` rows (eager; see the module docstring)."""
+    counts = parameter_counts(cfg, vocab_size)
+    total = counts["muon"] + counts["adamw"]
+    tokens = micro_batch * (seq_len or cfg.sequence_len)
+    return MemoryEstimate(
+        params=4 * total,
+        grads=4 * total,
+        optimizer=4 * counts["muon"] + 8 * counts["adamw"],
+        ddp=4 * total if world_size > 1 else 0,
+        casts=2 * counts["matmul"] if bf16 else 0,
+        activations=tokens * activation_bytes_per_token(cfg, bf16),
+        loss=loss_bytes(cfg, vocab_size, tokens),
+    )
+
+
+def largest_fitting_micro_batch(cfg: ModelConfig, vocab_size: int, available: int, bf16: bool,
+                                world_size: int = 1, headroom: float = 0.15, limit: int = 1024) -> int | None:
+    """The largest power of two micro-batch whose estimate fits in (1 − headroom) × `available`
+    bytes, or None when not even one row fits."""
+    budget = (1 - headroom) * available
+    best = None
+    micro = 1
+    while micro <= limit and estimate(cfg, vocab_size, micro, bf16, world_size).total <= budget:
+        best, micro = micro, micro * 2
+    return best

@@ -25,7 +25,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nanochat.config import PRESETS, TOKENIZER_PRESETS, ModelConfig
 from nanochat.gpt import GPT
-from nanochat.runtime import init_runtime, peak_flops
+from nanochat.memory import choose_micro_batch
+from nanochat.runtime import device_memory, init_runtime, peak_flops
 
 
 def cpu_peak_flops() -> float | None:
@@ -102,7 +103,8 @@ def main() -> None:
         for name in ("d12", "d20"):
             preset = PRESETS[name]
             for math_attention in (False, True):
-                tps, batch, fpt = measure(preset.model, 65536, preset.micro_batch, rt.device, torch.bfloat16, True,
+                micro = choose_micro_batch(preset, 65536, 1, True, device_memory(rt.device), str(rt.device))
+                tps, batch, fpt = measure(preset.model, 65536, micro, rt.device, torch.bfloat16, True,
                                           math_attention, args.steps or 20, warmup=3)
                 rows.append(("cuda", name, "math (peer)" if math_attention else "sdpa", "bf16", "yes", batch,
                              preset.model.sequence_len, tps, fpt, peak))

@@ -236,8 +236,10 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     total_batch_tokens: int = 524288
     """Tokens per optimizer step, summed over micro-batches and ranks."""
-    micro_batch: int = 32
-    """Sequences per forward/backward on one device."""
+    micro_batch: int | Literal["auto"] = "auto"
+    """Sequences per forward/backward on one device. `auto`: the largest power of two that divides the
+    batch and whose estimated peak memory (nanochat/memory.py) fits the device with 15% headroom;
+    an explicit one that would not fit is refused before training."""
     tokens_per_param: float = 20.0
     """Token budget as a multiple of the parameter count (Chinchilla ≈ 20); ignored if --max-steps."""
     max_steps: int = 0
@@ -262,8 +264,10 @@ class TrainConfig:
     """torch.compile the training step's model (`--no-compile`: eager, e.g. to debug)."""
 
     def __post_init__(self) -> None:
-        check_positive(self, "total_batch_tokens", "micro_batch", "tokens_per_param", "keep_last", "eval_tokens")
+        check_positive(self, "total_batch_tokens", "tokens_per_param", "keep_last", "eval_tokens")
         check_positive(self, "max_steps", "eval_every", "save_every", allow_zero=True)
+        if self.micro_batch != "auto":
+            check_positive(self, "micro_batch")
 
 
 def _preset(depth: int, **overrides) -> TrainConfig:
@@ -292,7 +296,7 @@ PRESETS: dict[str, TrainConfig] = {
     ),
     "d12": _preset(12, run="d12"),
     "d20": _preset(20, run="d20"),
-    "d26": _preset(26, run="d26", micro_batch=16),
+    "d26": _preset(26, run="d26"),
 }
 
 

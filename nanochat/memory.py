@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from nanochat.config import ModelConfig
+from nanochat.config import ConfigError, ModelConfig, TrainConfig
 from nanochat.gpt import LOSS_CHUNK_ELEMENTS, SMEAR_CHANNELS, VE_GATE_CHANNELS
 
 GIB = 2**30
@@ -136,3 +136,56 @@ def largest_fitting_micro_batch(cfg: ModelConfig, vocab_size: int, available: in
     while micro <= limit and estimate(cfg, vocab_size, micro, bf16, world_size).total <= budget:
         best, micro = micro, micro * 2
     return best
+
+
+HEADROOM = 0.15  # of the device's memory, left for the allocator's fragmentation, the CUDA context, buffers
+
+
+def choose_micro_batch(cfg: TrainConfig, vocab_size: int, world_size: int, bf16: bool,
+                       available: int | None, where: str = "the device") -> int:
+    """`cfg.micro_batch` made concrete. `auto`: the largest power of two that divides the batch and
+    whose estimate fits (1 − HEADROOM) × `available` bytes (with `available` unknown, the largest
+    dividing power of two up to 32). An explicit micro-batch that would not fit is refused, with
+    the estimate and the micro-batch that would, before anything is trained."""
+    T = cfg.model.sequence_len
+    per_rank_rows = cfg.total_batch_tokens // (T * world_size)
+
+    def divides(m: int) -> bool:
+        return cfg.total_batch_tokens % (m * T * world_size) == 0
+
+    def fits(m: int) -> bool:
+        if available is None:
+            return True
+        return estimate(cfg.model, vocab_size, m, bf16, world_size).total <= (1 - HEADROOM) * available
+
+    candidates = [m for m in (2**i for i in range(11)) if m <= max(per_rank_rows, 1) and divides(m)]
+    if cfg.micro_batch == "auto" and not candidates:
+        raise ConfigError(f"--micro-batch auto: --total-batch-tokens {cfg.total_batch_tokens} is not a multiple of "
+                          f"sequence length × ranks = {T} × {world_size}; change --total-batch-tokens")
+    fitting = [m for m in candidates if fits(m) and (available is not None or m <= 32)]
+    if cfg.micro_batch != "auto":
+        if fits(cfg.micro_batch):
+            return cfg.micro_batch
+        need = estimate(cfg.model, vocab_size, cfg.micro_batch, bf16, world_size)
+        fix = (f"use --micro-batch {fitting[-1]} (the largest that fits) or --micro-batch auto" if fitting else
+               "not even one row per micro-batch fits: use more devices or a smaller model")
+        raise ConfigError(f"--micro-batch {cfg.micro_batch} needs about {need.total / GIB:.1f} GiB on each rank, more "
+                          f"than {(1 - HEADROOM) * available / GIB:.1f} GiB ({1 - HEADROOM:.0%} of the "
+                          f"{available / GIB:.1f} GiB free on {where}); {fix}. The estimate (eager; compiled "
+                          f"runs need less):\n{need.table()}")
+    if not fitting:
+        one = estimate(cfg.model, vocab_size, 1, bf16, world_size)
+        raise ConfigError(f"--micro-batch auto: not even one row fits the {(available or 0) / GIB:.1f} GiB free on "
+                          f"{where} (one row needs about {one.total / GIB:.1f} GiB); use more devices or a smaller "
+                          f"model. The estimate for one row:\n{one.table()}")
+    return fitting[-1]
+
+
+def out_of_memory_message(cfg: TrainConfig, vocab_size: int, world_size: int, bf16: bool, where: str) -> str:
+    """What a training run that ran out of device memory says: the estimate and the fix."""
+    need = estimate(cfg.model, vocab_size, cfg.micro_batch, bf16, world_size)
+    smaller = f"--micro-batch {cfg.micro_batch // 2}" if cfg.micro_batch > 1 else "more devices or a smaller model"
+    return (f"out of memory on {where} at --micro-batch {cfg.micro_batch} (estimated peak {need.total / GIB:.1f} GiB "
+            f"per rank; the estimate is below). Checkpoints already written are kept; start again with {smaller} "
+            f"(the gradient accumulation grows to keep the batch) or --micro-batch auto, adding --resume to continue "
+            f"from the last checkpoint:\n{need.table()}")

@@ -111,6 +111,19 @@ def cpu_has_native_bf16() -> bool:
     return any(probe is not None and probe() for probe in probes)
 
 
+def device_memory(device: torch.device) -> int | None:
+    """Bytes a training process can use on `device`: CUDA's free memory, MPS's recommended maximum,
+    the machine's physical memory for the CPU; None when it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory()
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system
+        return None
+
+
 def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype | None:
     """`auto`: bf16 autocast where the hardware has bf16 matmuls — CUDA Ampere (sm80) and newer, and
     CPUs with AVX512-BF16 or AMX (on the 2-core development VM the tiny preset's training step is

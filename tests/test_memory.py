@@ -90,3 +90,29 @@ def test_largest_fitting_micro_batch():
     assert fits(cfg, 65536, int(need[8] / 0.85) - 1, bf16=True) == 4
     assert fits(cfg, 65536, int(need[16] / 0.85) + 1, bf16=True) == 16
     assert fits(cfg, 65536, 10**9, bf16=True) is None  # 1 GB: not even the weights
+
+
+def test_choose_micro_batch_auto_explicit_and_refusals():
+    from nanochat.config import ConfigError, TrainConfig, parse_config
+
+    cfg = PRESETS["d20"]
+    assert cfg.micro_batch == "auto"
+    need = {m: memory.estimate(cfg.model, 65536, m, bf16=True).total for m in (4, 8, 16)}
+    choose = memory.choose_micro_batch
+    room = int(need[8] / (1 - memory.HEADROOM)) + 1
+    assert choose(cfg, 65536, 1, True, room) == 8
+    assert choose(cfg, 65536, 1, True, None) == 32  # memory unknown: the usual 32
+    # auto also divides the batch: 2^19 tokens over 2048 × 3 ranks do not split into powers of two
+    with pytest.raises(ConfigError, match="not a multiple of sequence length × ranks"):
+        choose(cfg, 65536, 3, True, room)
+    explicit = dataclasses.replace(cfg, micro_batch=16)
+    with pytest.raises(ConfigError, match=r"(?s)--micro-batch 16 needs about .* use --micro-batch 8 .*\n  activations"):
+        choose(explicit, 65536, 1, True, room)
+    assert choose(dataclasses.replace(cfg, micro_batch=4), 65536, 1, True, room) == 4
+    with pytest.raises(ConfigError, match="not even one row"):
+        choose(cfg, 65536, 1, True, 10**9)
+    # the flag takes a number or `auto`
+    assert parse_config(TrainConfig, ["--micro-batch", "auto"]).micro_batch == "auto"
+    assert parse_config(TrainConfig, ["--micro-batch", "8"]).micro_batch == 8
+    message = memory.out_of_memory_message(explicit, 65536, 1, True, "cuda:0")
+    assert "out of memory on cuda:0 at --micro-batch 16" in message and "--micro-batch 8" in message

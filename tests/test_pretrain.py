@@ -143,6 +143,24 @@ def test_compiled_pretraining_compiles_once_and_learns_as_eager(corpus):
     assert compiled == pytest.approx(eager, rel=tolerance)
 
 
+def test_out_of_memory_ends_with_the_estimate_and_the_fix(corpus, monkeypatch):
+    def oom(plan, rt):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(pretrain_mod, "train_stage", oom)
+    with pytest.raises(NanochatError, match=r"(?s)out of memory on cpu at --micro-batch 4 .*--micro-batch 2.*total"):
+        pretrain(config(corpus, "oom"), RT)
+
+
+def test_auto_micro_batch_is_resolved_and_recorded(corpus):
+    summary = pretrain(config(corpus, "auto-mb", micro_batch="auto", max_steps=1, save_every=0), RT)
+    from nanochat.config import run_dir
+
+    meta = read_meta(latest_checkpoint(run_dir("auto-mb")))
+    # 256 tokens per step of 32-token rows: at most 8 rows, and this machine's memory holds them all
+    assert meta["config"]["micro_batch"] == 8 and summary["steps"] == 1
+
+
 def unigram_bpb(corpus, tok):
     """Cross-entropy of the validation text under the training split's token frequencies (add-one)."""
     from nanochat.data.sources import folder_source

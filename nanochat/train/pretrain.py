@@ -17,13 +17,15 @@ import torch
 from nanochat.config import PRESETS, TrainConfig, parse_config
 from nanochat.data.loader import DataLoader
 from nanochat.data.sources import DataSource, resolve_source
+from nanochat.errors import NanochatError
 from nanochat.evaluate.bpb import evaluate_bpb, token_byte_lengths
 from nanochat.evaluate.probes import SAMPLE_PROMPTS, greedy_samples
 from nanochat.gpt import GPT
+from nanochat.memory import GIB, choose_micro_batch, estimate, out_of_memory_message
 from nanochat.metrics import write0
 from nanochat.optim import build_optimizer
 from nanochat.runs import load_tokenizer, stage_dir, tokenizer_identity
-from nanochat.runtime import Runtime, init_runtime, print0, teardown
+from nanochat.runtime import Runtime, device_memory, init_runtime, print0, teardown
 from nanochat.tokenizer import Tokenizer
 from nanochat.train.loop import StagePlan, grad_accum_steps, train_stage
 
@@ -59,6 +61,12 @@ def pretrain(cfg: TrainConfig, rt: Runtime) -> dict:
     tok = load_tokenizer(cfg.tokenizer)
     source = resolve_source(cfg.data, cfg.text_field, cfg.skip_bad_data)
     T = cfg.model.sequence_len
+    bf16, where = rt.autocast_dtype is torch.bfloat16, str(rt.device)
+    micro = choose_micro_batch(cfg, tok.vocab_size, rt.world_size, bf16, device_memory(rt.device), where)
+    if cfg.micro_batch == "auto":
+        peak = estimate(cfg.model, tok.vocab_size, micro, bf16, rt.world_size).total
+        print0(f"--micro-batch auto: {micro} (estimated peak {peak / GIB:.1f} GiB per rank on {where})")
+    cfg = dataclasses.replace(cfg, micro_batch=micro)
     accum = grad_accum_steps(cfg.total_batch_tokens, cfg.micro_batch, T, rt.world_size)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -78,7 +86,10 @@ def pretrain(cfg: TrainConfig, rt: Runtime) -> dict:
     print0(f"pretrain {cfg.run}: {n_params / 1e6:.2f}M parameters, {total_steps} steps of {cfg.total_batch_tokens:,} "
            f"tokens ({accum} micro-batch(es) of {cfg.micro_batch}×{T} on each of {rt.world_size} rank(s)), "
            f"{rt.device}, {rt.autocast_dtype or torch.float32}")
-    result = train_stage(plan, rt)
+    try:
+        result = train_stage(plan, rt)
+    except torch.OutOfMemoryError as e:
+        raise NanochatError(out_of_memory_message(cfg, tok.vocab_size, rt.world_size, bf16, where)) from e
     return {"run": cfg.run, "steps": total_steps, "params": n_params, "val_bpb": result.evaluation.get("val_bpb"),
             "seconds": result.seconds}
 

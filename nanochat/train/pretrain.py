@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.distributed as dist
 
 from nanochat.config import PRESETS, TrainConfig, parse_config
 from nanochat.data.loader import DataLoader
@@ -56,13 +57,24 @@ class PretrainEval:
         return {"val_bpb": bpb, "samples": samples}
 
 
+def _least_memory(rt: Runtime) -> int | None:
+    """This device's usable memory, or under torchrun the least of all ranks': every rank must pick
+    the same micro-batch, or their gradient accumulations would not line up."""
+    available = device_memory(rt.device)
+    if not rt.distributed or available is None:
+        return available
+    least = torch.tensor([float(available)], dtype=torch.float64, device=rt.device)
+    dist.all_reduce(least, op=dist.ReduceOp.MIN)
+    return int(least.item())
+
+
 def pretrain(cfg: TrainConfig, rt: Runtime) -> dict:
     """Train (or resume) the run `cfg.run`; returns a summary of the finished run."""
     tok = load_tokenizer(cfg.tokenizer)
     source = resolve_source(cfg.data, cfg.text_field, cfg.skip_bad_data)
     T = cfg.model.sequence_len
     bf16, where = rt.autocast_dtype is torch.bfloat16, str(rt.device)
-    micro = choose_micro_batch(cfg, tok.vocab_size, rt.world_size, bf16, device_memory(rt.device), where)
+    micro = choose_micro_batch(cfg, tok.vocab_size, rt.world_size, bf16, _least_memory(rt), where)
     if cfg.micro_batch == "auto":
         peak = estimate(cfg.model, tok.vocab_size, micro, bf16, rt.world_size).total
         print0(f"--micro-batch auto: {micro} (estimated peak {peak / GIB:.1f} GiB per rank on {where})")

@@ -241,11 +241,11 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.insert(self.layer_idx, k, v)
-        if self.n_kv_head != self.n_head:  # GQA: each group of query heads shares one key/value head
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         # is_causal without a mask lets SDPA pick the flash kernels (training, a cache's first chunk).
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale)
+        # GQA: each group of query heads shares one key/value head, which SDPA reads in place
+        # (enable_gqa) instead of a repeated copy of K and V.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                                           enable_gqa=self.n_kv_head != self.n_head)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

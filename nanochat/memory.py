@@ -12,8 +12,8 @@ Activations, counted from what this package's GPT saves in eager mode (checked e
 autograd's saved tensors on the CPU in tests/test_memory.py), per token and block, with C =
 n_embd (= n_head · head_dim), K = n_kv_head · head_dim, F = the MLP's hidden size, H/Hk heads:
 
-    fp32   4 · (10·C + K + 4·F + 2·H + Hk + 2)  bytes
-    bf16   32·C + 4·K + 8·F + 8·H + 4·Hk + 8    bytes   (norms run in fp32 under autocast; each of
+    fp32   4 · (8·C + 3·K + 4·F + 2·H + Hk + 2)  bytes
+    bf16   28·C + 8·K + 8·F + 8·H + 4·Hk + 8    bytes   (norms run in fp32 under autocast; each of
            q/k/v and gate/up casts its normed input to bf16 on its own)
 
 (SwiGLU's 4·F hidden tensors are 2·F for ReLU²; the x0 mix-in adds 4·C per layer)
@@ -83,10 +83,11 @@ def activation_bytes_per_token(cfg: ModelConfig, bf16: bool) -> int:
     H, Hk = cfg.n_head, cfg.kv_heads
     # SwiGLU saves h, gate, silu(gate) and their product; ReLU² only relu(h) and its square.
     F_saved = 2 * F if cfg.mlp == "relu2" else 4 * F
+    # Attention saves q and its output (C each) but K and V unrepeated (K each: SDPA's enable_gqa).
     if bf16:
-        per_layer = 32 * C + 4 * K + 2 * F_saved + 8 * H + 4 * Hk + 8
+        per_layer = 28 * C + 8 * K + 2 * F_saved + 8 * H + 4 * Hk + 8
     else:
-        per_layer = 4 * (10 * C + K + F_saved + 2 * H + Hk + 2)
+        per_layer = 4 * (8 * C + 3 * K + F_saved + 2 * H + Hk + 2)
     if cfg.x0_skip:  # each block's input mixed with x0: the residual saved once more per layer
         per_layer += 4 * C
     n_ve = sum(cfg.has_value_embedding(i) for i in range(cfg.depth))

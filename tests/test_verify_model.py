@@ -42,8 +42,8 @@ def test_too_few_steps_fail_with_a_hint():
 def test_a_leaky_attention_mask_is_caught(monkeypatch):
     sdpa = F.scaled_dot_product_attention
 
-    def bidirectional(q, k, v, attn_mask=None, is_causal=False, scale=None):
-        return sdpa(q, k, v, scale=scale)
+    def bidirectional(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+        return sdpa(q, k, v, scale=scale, enable_gqa=enable_gqa)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", bidirectional)
     with pytest.raises(NanochatError, match="not causal"):

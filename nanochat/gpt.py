@@ -139,6 +139,12 @@ def head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, soft
                                ignore_index=-1, reduction="sum") for i in range(0, n, rows))
 
 
+def padded_vocab(vocab_size: int) -> int:
+    """Rows of the embedding and head: the vocabulary rounded up to a multiple of 64, which the
+    matmul kernels prefer. The extra rows are never a target and are sliced off the logits."""
+    return -(-vocab_size // 64) * 64
+
+
 def rotary_tables(n_pos: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the angle position·θ_i, θ_i = theta^(-2i/head_dim), shape (n_pos, head_dim/2).
     Computed in float64 (angles reach thousands of radians) and stored in float32."""
@@ -304,9 +310,8 @@ class GPT(nn.Module):
 
     @property
     def padded_vocab_size(self) -> int:
-        """Rows of the embedding and head: the vocabulary rounded up to a multiple of 64, which the
-        matmul kernels prefer. The extra rows are never a target and are sliced off the logits."""
-        return -(-self.vocab_size // 64) * 64
+        """Rows of the embedding and head (`padded_vocab`)."""
+        return padded_vocab(self.vocab_size)
 
     @property
     def max_positions(self) -> int:

@@ -24,7 +24,7 @@ gradient); the chunked loss (`gpt.head_loss`) holds only the gradients of h and 
 
 Compiled, the model saves less (inductor fuses elementwise work and recomputes cheap parts), so
 the eager figure is an upper bound for a compiled run. Not counted: the allocator's fragmentation
-and the CUDA context, which `fits` leaves headroom for.
+and the CUDA context, which `choose_micro_batch` leaves HEADROOM for.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from nanochat.config import ConfigError, ModelConfig, TrainConfig
-from nanochat.gpt import LOSS_CHUNK_ELEMENTS, SMEAR_CHANNELS, VE_GATE_CHANNELS
+from nanochat.gpt import LOSS_CHUNK_ELEMENTS, SMEAR_CHANNELS, VE_GATE_CHANNELS, padded_vocab
 
 GIB = 2**30
 
@@ -59,14 +59,10 @@ class MemoryEstimate:
         return "\n".join([*rows, f"  {'total':<12} {self.total / GIB:8.2f} GiB"])
 
 
-def _padded(vocab_size: int) -> int:
-    return -(-vocab_size // 64) * 64  # as GPT.padded_vocab_size
-
-
 def parameter_counts(cfg: ModelConfig, vocab_size: int) -> dict[str, int]:
     """Parameters by what the optimizer does with them: `muon` (the blocks' matrices), `adamw`
     (embeddings, head, lookup tables, vectors), and `matmul` (what autocast casts: blocks + head)."""
-    C, K, F, V = cfg.n_embd, cfg.kv_heads * cfg.head_dim, cfg.mlp_hidden, _padded(vocab_size)
+    C, K, F, V = cfg.n_embd, cfg.kv_heads * cfg.head_dim, cfg.mlp_hidden, padded_vocab(vocab_size)
     per_block = C * C + 2 * C * K + C * C + (3 if cfg.mlp == "swiglu" else 2) * C * F
     ve_layers = sum(cfg.has_value_embedding(i) for i in range(cfg.depth))
     gates = ve_layers * VE_GATE_CHANNELS * cfg.kv_heads if cfg.ve_gate else 0  # matrices in blocks: Muon's
@@ -100,10 +96,10 @@ def activation_bytes_per_token(cfg: ModelConfig, bf16: bool) -> int:
     return cfg.depth * per_layer + ve + outer + 8  # + the token ids
 
 
-def loss_bytes(cfg: ModelConfig, vocab_size: int, tokens: int, chunk_elements: int | None = None) -> int:
+def loss_bytes(cfg: ModelConfig, vocab_size: int, tokens: int) -> int:
     """Peak bytes of the head's loss for `tokens` rows: four fp32 N×V tensors on the plain path;
-    the gradients of h and W plus four tensors of one chunk on the chunked path."""
-    limit = chunk_elements or LOSS_CHUNK_ELEMENTS
+    the gradients of h and W plus four tensors of one chunk on the chunked path (`gpt.head_loss`)."""
+    limit = LOSS_CHUNK_ELEMENTS
     elements = tokens * vocab_size
     if elements <= limit:
         return 16 * elements
@@ -125,18 +121,6 @@ def estimate(cfg: ModelConfig, vocab_size: int, micro_batch: int, bf16: bool, wo
         activations=tokens * activation_bytes_per_token(cfg, bf16),
         loss=loss_bytes(cfg, vocab_size, tokens),
     )
-
-
-def largest_fitting_micro_batch(cfg: ModelConfig, vocab_size: int, available: int, bf16: bool,
-                                world_size: int = 1, headroom: float = 0.15, limit: int = 1024) -> int | None:
-    """The largest power of two micro-batch whose estimate fits in (1 − headroom) × `available`
-    bytes, or None when not even one row fits."""
-    budget = (1 - headroom) * available
-    best = None
-    micro = 1
-    while micro <= limit and estimate(cfg, vocab_size, micro, bf16, world_size).total <= budget:
-        best, micro = micro, micro * 2
-    return best
 
 
 HEADROOM = 0.15  # of the device's memory, left for the allocator's fragmentation, the CUDA context, buffers

@@ -82,16 +82,6 @@ def test_estimate_adds_up_and_scales_with_the_micro_batch():
     assert "total" in one.table() and "activations" in one.table()
 
 
-def test_largest_fitting_micro_batch():
-    cfg = PRESETS["d20"].model
-    need = {m: memory.estimate(cfg, 65536, m, bf16=True).total for m in (4, 8, 16)}
-    fits = memory.largest_fitting_micro_batch
-    assert fits(cfg, 65536, int(need[8] / 0.85) + 1, bf16=True) == 8
-    assert fits(cfg, 65536, int(need[8] / 0.85) - 1, bf16=True) == 4
-    assert fits(cfg, 65536, int(need[16] / 0.85) + 1, bf16=True) == 16
-    assert fits(cfg, 65536, 10**9, bf16=True) is None  # 1 GB: not even the weights
-
-
 def test_choose_micro_batch_auto_explicit_and_refusals():
     from nanochat.config import ConfigError, TrainConfig, parse_config
 
@@ -101,6 +91,8 @@ def test_choose_micro_batch_auto_explicit_and_refusals():
     choose = memory.choose_micro_batch
     room = int(need[8] / (1 - memory.HEADROOM)) + 1
     assert choose(cfg, 65536, 1, True, room) == 8
+    assert choose(cfg, 65536, 1, True, room - 2) == 4  # a byte short of 8's need
+    assert choose(cfg, 65536, 1, True, int(need[16] / (1 - memory.HEADROOM)) + 1) == 16
     assert choose(cfg, 65536, 1, True, None) == 32  # memory unknown: the usual 32
     # auto also divides the batch: 2^19 tokens over 2048 × 3 ranks do not split into powers of two
     with pytest.raises(ConfigError, match="not a multiple of sequence length × ranks"):

@@ -91,23 +91,19 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 rows: int) -> torch.Tensor:
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        w = weight  # under autocast every matmul below casts it, as the plain path does
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for start in range(0, h.size(0), rows):
+        for start in range(0, h.size(0), rows):  # under autocast each matmul casts, as on the plain path
             hc, tc = h[start:start + rows], targets[start:start + rows]
-            raw = F.linear(hc, w).float()
-            capped = softcap * torch.tanh(raw / softcap) if softcap else raw
-            keep = tc != -1
-            safe = tc.clamp(min=0)
-            logz = torch.logsumexp(capped, dim=-1)
-            total += ((logz - capped.gather(1, safe[:, None]).squeeze(1)) * keep).sum()
+            capped = _capped_logits(hc, weight, softcap)
+            total += F.cross_entropy(capped, tc, ignore_index=-1, reduction="sum")
+            keep, safe = tc != -1, tc.clamp(min=0)
             g = torch.softmax(capped, dim=-1)  # d loss / d capped: softmax − one-hot on counted rows
             g.scatter_add_(1, safe[:, None], -torch.ones_like(g[:, :1]))
             g *= keep[:, None]
             if softcap:  # d capped / d raw = 1 − tanh² = 1 − (capped / cap)²
                 g *= 1 - (capped / softcap).square()
             g = g.to(h.dtype)
-            grad_h[start:start + rows] = g @ w
+            grad_h[start:start + rows] = g @ weight
             grad_w += (g.t() @ hc).float()
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return total

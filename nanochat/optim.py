@@ -20,6 +20,7 @@ import math
 from collections import defaultdict
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from nanochat.config import OptimConfig
@@ -62,14 +63,23 @@ class Muon(torch.optim.Optimizer):
     update = orthogonalize(nesterov_momentum(grad)) * sqrt(max(1, rows / cols)); the shape factor
     gives tall matrices (whose orthogonal updates have smaller entries) the same per-entry RMS as
     square ones. Weight decay is decoupled and scaled by the learning rate, as in AdamW.
+
+    Sharded over `world_size` ranks (the model is then not wrapped in DDP: each rank holds its own
+    gradients of its own rows): the matrices of one shape are stacked and split into `world_size`
+    equal slices, padded with zero matrices. The stacked gradients are reduce-scattered (summed), so
+    rank r receives the summed gradients of slice r alone; it keeps momentum for those matrices
+    only, orthogonalises them and updates them; the updated slices are all-gathered into every
+    rank's weights. The next shape's gradients travel while this one's are orthogonalised. Each
+    matrix gets exactly the update one process would give it (tests/test_optim.py, 2 and 4 ranks).
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, ns_steps: int = 5, ns_dtype: str = "bfloat16", cautious_wd: bool = False,
-                 normuon: bool = False, beta2: float = 0.95):
+                 normuon: bool = False, beta2: float = 0.95, world_size: int = 1, rank: int = 0):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,
                         ns_dtype=ns_dtype, cautious_wd=cautious_wd, normuon=normuon, beta2=beta2)
         super().__init__(params, defaults)
+        self.world_size, self.rank = world_size, rank
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2:
@@ -81,30 +91,100 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            # Matrices of one shape are orthogonalised together, as one batched matmul chain.
-            by_shape: dict[tuple, list[torch.Tensor]] = defaultdict(list)
-            for p in group["params"]:
-                if p.grad is not None:
-                    by_shape[tuple(p.shape)].append(p)
-            for shape, params in by_shape.items():
-                grads = []
-                for p in params:
-                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
-                    buf.lerp_(p.grad, 1 - group["momentum"])
-                    grads.append(p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf)
-                updates = orthogonalize(torch.stack(grads), group["ns_steps"], getattr(torch, group["ns_dtype"]))
-                scale = math.sqrt(max(1.0, shape[0] / shape[1]))
-                for p, u in zip(params, updates, strict=True):
-                    u = u.to(p.dtype)
-                    if group["normuon"]:
-                        u = self._normalise_rows(p, u, group["beta2"])
-                    if group["weight_decay"] and group["cautious_wd"]:
-                        p.sub_(p * (u * p > 0), alpha=group["lr"] * group["weight_decay"])
-                    elif group["weight_decay"]:
-                        p.mul_(1 - group["lr"] * group["weight_decay"])
-                    p.add_(u, alpha=-group["lr"] * scale)
+        # Matrices of one shape are orthogonalised together, as one batched matmul chain.
+        jobs = [(group, params) for group in self.param_groups for params in self._by_shape(group)]
+        if self.world_size == 1:
+            for group, params in jobs:
+                self._update(group, params, [p.grad for p in params])
+            return loss
+        layouts = self._layouts([len(params) for _, params in jobs])
+        gathers = []
+        pending = self._reduce(jobs[0][1], layouts[0]) if jobs else None
+        for i, (group, params) in enumerate(jobs):
+            grads, _, handle = pending
+            pending = self._reduce(jobs[i + 1][1], layouts[i + 1]) if i + 1 < len(jobs) else None
+            handle.wait()
+            mine = self._mine(layouts[i])
+            self._update(group, [params[j] for j, _ in mine], [grads[row] for _, row in mine])
+            gathers.append(self._gather(params, layouts[i]))
+        for out, params, layout, handle in gathers:
+            handle.wait()
+            for slot, j in enumerate(layout):
+                if j is not None:
+                    params[j].copy_(out[slot])
         return loss
+
+    def _by_shape(self, group: dict) -> list[list[torch.Tensor]]:
+        """The group's matrices by shape, in parameter order. One process skips a matrix without a
+        gradient; sharded, every rank takes them all (a missing gradient is zeros on that rank), so
+        that the ranks' collectives match."""
+        by_shape: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        for p in group["params"]:
+            if p.grad is not None or self.world_size > 1:
+                by_shape[tuple(p.shape)].append(p)
+        return list(by_shape.values())
+
+    def _layouts(self, counts: list[int]) -> list[list[int | None]]:
+        """For each shape's n matrices, the slots of its stack: world_size equal slices (rank r reads
+        slice r), each slot a matrix's index or None for padding. The padding of successive shapes
+        falls on successive ranks, so every rank owns about 1/world_size of all matrices. The same
+        on every rank and at every step (the owners keep the momentum)."""
+        layouts, offset, W = [], 0, self.world_size
+        for n in counts:
+            k = -(-n // W)
+            padded = {(offset + t) % W for t in range(W * k - n)}
+            offset += W * k - n
+            indices = iter(range(n))
+            layouts.append([None if r in padded and slot == k - 1 else next(indices)
+                            for r in range(W) for slot in range(k)])
+        return layouts
+
+    def _mine(self, layout: list[int | None]) -> list[tuple[int, int]]:
+        """(matrix index, row of this rank's slice) of the matrices this rank updates."""
+        k = len(layout) // self.world_size
+        return [(j, row) for row, j in enumerate(layout[self.rank * k:(self.rank + 1) * k]) if j is not None]
+
+    def _reduce(self, params: list[torch.Tensor], layout: list[int | None]):
+        """Start summing the stacked gradients over ranks, each rank receiving its slice: (slice,
+        the stack it reads from, the handle)."""
+        p0 = params[0]
+        stacked = torch.zeros((len(layout), *p0.shape), dtype=p0.dtype, device=p0.device)
+        for slot, j in enumerate(layout):
+            if j is not None and params[j].grad is not None:
+                stacked[slot].copy_(params[j].grad)
+        mine = torch.empty((len(layout) // self.world_size, *p0.shape), dtype=p0.dtype, device=p0.device)
+        return mine, stacked, dist.reduce_scatter_tensor(mine, stacked, async_op=True)
+
+    def _gather(self, params: list[torch.Tensor], layout: list[int | None]):
+        """Start all-gathering every rank's updated slice: (the gathered stack, params, layout, the handle)."""
+        p0 = params[0]
+        slice_ = torch.zeros((len(layout) // self.world_size, *p0.shape), dtype=p0.dtype, device=p0.device)
+        for j, row in self._mine(layout):
+            slice_[row].copy_(params[j])
+        out = torch.empty((len(layout), *p0.shape), dtype=p0.dtype, device=p0.device)
+        return out, params, layout, dist.all_gather_into_tensor(out, slice_, async_op=True)
+
+    def _update(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """Momentum, orthogonalisation and the step for matrices of one shape, given their gradients."""
+        if not params:
+            return
+        directions = []
+        for p, g in zip(params, grads, strict=True):
+            buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(g))
+            buf.lerp_(g, 1 - group["momentum"])
+            directions.append(g.lerp(buf, group["momentum"]) if group["nesterov"] else buf)
+        updates = orthogonalize(torch.stack(directions), group["ns_steps"], getattr(torch, group["ns_dtype"]))
+        rows, cols = params[0].shape
+        scale = math.sqrt(max(1.0, rows / cols))
+        for p, u in zip(params, updates, strict=True):
+            u = u.to(p.dtype)
+            if group["normuon"]:
+                u = self._normalise_rows(p, u, group["beta2"])
+            if group["weight_decay"] and group["cautious_wd"]:
+                p.sub_(p * (u * p > 0), alpha=group["lr"] * group["weight_decay"])
+            elif group["weight_decay"]:
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(u, alpha=-group["lr"] * scale)
 
     def _normalise_rows(self, p: torch.Tensor, u: torch.Tensor, beta2: float) -> torch.Tensor:
         """u divided per row by the root of a running mean of its squared entries, rescaled to u's norm."""
@@ -112,6 +192,72 @@ class Muon(torch.optim.Optimizer):
         v.lerp_(u.square().mean(dim=1, keepdim=True), 1 - beta2)
         normed = u / (v.sqrt() + 1e-10)
         return normed * (u.norm() / normed.norm().clamp(min=1e-10))
+
+
+class ShardedAdamW(torch.optim.AdamW):
+    """AdamW where each of `world_size` ranks steps only its own rows of every matrix (ZeRO stage 1).
+
+    A matrix whose rows split evenly is represented here by this rank's block of rows, a view into
+    the full weight: its gradient is reduce-scattered (summed) into that block, AdamW's fused kernel
+    steps the block and keeps moments for it alone, and the blocks are all-gathered back into every
+    rank's full weight. Vectors (and matrices whose rows do not split evenly) are small: their
+    gradients are all-reduced and every rank steps them whole. `reduce_gradients` starts the
+    reductions early, so they travel while Muon orthogonalises (`HybridOptimizer.step`).
+    """
+
+    def __init__(self, groups: list[dict], world_size: int, rank: int, **kwargs):
+        self.world_size, self.rank = world_size, rank
+        self._sources: list[tuple[torch.Tensor, torch.Tensor, bool]] = []  # (what AdamW steps, weight, sharded)
+        stepped_groups = []
+        for group in groups:
+            stepped = []
+            for p in group["params"]:
+                sharded = p.ndim >= 2 and p.size(0) % world_size == 0
+                rows = p.size(0) // world_size
+                view = p.detach()[rank * rows:(rank + 1) * rows] if sharded else p.detach()
+                self._sources.append((view, p, sharded))
+                stepped.append(view)
+            stepped_groups.append({**group, "params": stepped})
+        self._pending: list = []
+        super().__init__(stepped_groups, **kwargs)
+
+    @torch.no_grad()
+    def reduce_gradients(self) -> None:
+        """Start the gradients' reductions (idempotent until the next step)."""
+        if self._pending:
+            return
+        for view, p, sharded in self._sources:
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            if sharded:
+                view.grad = torch.empty_like(view)
+                self._pending.append(dist.reduce_scatter_tensor(view.grad, grad, async_op=True))
+            else:
+                view.grad = grad
+                self._pending.append(dist.all_reduce(grad, async_op=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.reduce_gradients()
+        for handle in self._pending:
+            handle.wait()
+        self._pending = []
+        loss = super().step(closure)
+        gathers = [dist.all_gather_into_tensor(p.detach(), view.clone(), async_op=True)
+                   for view, p, sharded in self._sources if sharded]
+        for handle in gathers:
+            handle.wait()
+        for view, _, _ in self._sources:
+            view.grad = None
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for view, p, _ in self._sources:
+            view.grad = None
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
 
 
 class HybridOptimizer:
@@ -125,6 +271,9 @@ class HybridOptimizer:
         return [g for opt in self.optimizers for g in opt.param_groups]
 
     def step(self) -> None:
+        for opt in self.optimizers:  # sharded: AdamW's gradients travel while Muon computes
+            if isinstance(opt, ShardedAdamW):
+                opt.reduce_gradients()
         for opt in self.optimizers:
             opt.step()
 
@@ -171,6 +320,9 @@ def param_groups(model: nn.Module, muon_embeddings: bool = False) -> dict[str, l
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, total_batch_tokens: int) -> HybridOptimizer:
+    """Muon + AdamW for `model` with the README's learning-rate rules. Under torchrun both are sharded
+    over the ranks (`Muon`, `ShardedAdamW`): the model must then not be wrapped in DDP, since the
+    optimizer itself sums the ranks' gradients."""
     width_scale = (model.config.n_embd / REFERENCE_WIDTH) ** -0.5
     batch_scale = (total_batch_tokens / cfg.reference_batch_tokens) ** 0.5
     groups = param_groups(model, cfg.muon_embeddings)
@@ -186,8 +338,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, total_batch_tokens: int)
     # The fused kernel is one pass over every tensor: on the tiny preset's 10M embedding rows it steps
     # in 5 ms on the CPU against 41 ms for the default multi-tensor path.
     fused = device.type in FUSED_ADAMW_DEVICES
+    world_size, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    adam_kwargs = dict(betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, fused=fused)
     optimizers: list[torch.optim.Optimizer] = [
-        torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, fused=fused)
+        ShardedAdamW(adam_groups, world_size, rank, **adam_kwargs) if world_size > 1
+        else torch.optim.AdamW(adam_groups, **adam_kwargs)
     ]
     if cfg.optimizer == "muon" and groups["matrix"]:
         # bf16 matmuls are the fast path on GPUs; CPUs without bf16 units emulate them ~20x slower.
@@ -195,7 +350,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, total_batch_tokens: int)
         optimizers.insert(0, Muon([{"params": groups["matrix"], "name": "matrix"}],
                                   lr=cfg.matrix_lr * batch_scale, momentum=cfg.muon_momentum,
                                   weight_decay=cfg.weight_decay, ns_dtype=ns_dtype,
-                                  cautious_wd=cfg.cautious_weight_decay, normuon=cfg.normuon))
+                                  cautious_wd=cfg.cautious_weight_decay, normuon=cfg.normuon,
+                                  world_size=world_size, rank=rank))
     for group in (g for opt in optimizers for g in opt.param_groups):
         group["base_lr"] = group["lr"]
     return HybridOptimizer(optimizers)

@@ -11,11 +11,16 @@ import os
 import platform
 import random
 import shutil
+import statistics
+import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 
 from nanochat import __version__
 from nanochat.config import InfoConfig, home, parse_config
@@ -78,8 +83,7 @@ class Runtime:
 
     def sync(self) -> None:
         """Wait for queued device work (for honest timings)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        _sync(self.device)
 
 
 def torchrun_env() -> tuple[int, int, int] | None:
@@ -137,6 +141,52 @@ def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype | None:
     return {"bfloat16": torch.bfloat16, "float32": None}[name]
 
 
+# The fused attention kernels worth trying, in PyTorch's own order of preference; MATH (explicit
+# q·kᵀ, mask, softmax, ·v) runs everywhere and is always the last resort.
+FUSED_ATTENTION = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
+
+
+def fastest_attention(device: torch.device, heads: int, kv_heads: int, seq_len: int, head_dim: int,
+                      dtype: torch.dtype, repeats: int = 3) -> list[SDPBackend]:
+    """The SDPA backends that run causal attention of this shape (one row) on `device`, fastest
+    first by the median of `repeats` timed forward + backward passes, then MATH as the fallback:
+    the order for `torch.nn.attention.sdpa_kernel(..., set_priority=True)`. Which kernel wins
+    depends on the GPU, the head size and the torch build (cuDNN's attention beats flash on some
+    Hopper set-ups and not on others), so it is measured rather than assumed; a backend that
+    cannot run this shape (no GQA, no bf16, not on this device) is left out."""
+    shape = (1, heads, seq_len, head_dim)
+    q = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn((1, kv_heads, seq_len, head_dim), device=device, dtype=dtype, requires_grad=True)
+            for _ in range(2))
+
+    def attend() -> None:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != heads)
+        y.backward(torch.ones_like(y))
+
+    timings: dict[SDPBackend, float] = {}
+    for backend in FUSED_ATTENTION:
+        try:
+            with torch.nn.attention.sdpa_kernel(backend), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # each refusal explains itself in a warning
+                attend()  # warm-up (and the refusal, if this backend cannot run the shape)
+                samples = []
+                for _ in range(repeats):
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    attend()
+                    _sync(device)
+                    samples.append(time.perf_counter() - t0)
+        except RuntimeError:
+            continue
+        timings[backend] = statistics.median(samples)
+    return [*sorted(timings, key=timings.__getitem__), SDPBackend.MATH]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -147,8 +197,8 @@ def init_runtime(device: str = "auto", dtype: str = "auto", seed: int | None = N
     """Pick device and dtype, join the torchrun process group if there is one, and seed.
 
     Each rank is seeded with `seed + rank`, so ranks draw different random numbers (dropout,
-    sampling); anything that must agree across ranks (the initial weights) is broadcast by DDP or
-    drawn from an explicitly seeded generator.
+    sampling); anything that must agree across ranks (the initial weights) is broadcast from rank 0
+    (`train.loop.broadcast_weights`) or drawn from an explicitly seeded generator.
     """
     env = torchrun_env()
     rank, local_rank, world_size = env or (0, 0, 1)

@@ -110,22 +110,35 @@ def test_zero_supervised_tokens_give_a_finite_loss_and_no_step():
     assert all(torch.equal(p, q) for p, q in zip(before, model.parameters(), strict=True))
 
 
-def test_two_process_ddp_equals_single_process(tmp_path):
+def optimizer_state_bytes(opt) -> int:
+    return sum(t.numel() * t.element_size() for o in opt.optimizers for s in o.state.values()
+               for t in s.values() if torch.is_tensor(t) and t.ndim > 0)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_optimizer_equals_single_process(tmp_path, world):
     worker = Path(__file__).with_name("_dist_optim_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", str(worker),
            str(tmp_path), str(Path(__file__).parent)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = tiny_gpt()
     opt = build_optimizer(single, OptimConfig(), total_batch_tokens=4 * 16)
-    for group in opt.optimizers[0].param_groups:
-        group["ns_dtype"] = "float32"
+    before = {k: v.clone() for k, v in single.named_parameters()}
     for step in range(3):
         x, y = fixed_rows(4, seed=step)
         train_step(single, opt, iter([(x[:2], y[:2]), (x[2:], y[2:])]), accum_steps=2, rt=RT)
-    ddp_weights = torch.load(tmp_path / "ddp.pt")
+    sharded = torch.load(tmp_path / "sharded.pt")
     for name, p in single.state_dict().items():
-        assert torch.allclose(p, ddp_weights[name], atol=1e-5, rtol=0), name
+        assert torch.allclose(p, sharded[name], atol=1e-5, rtol=0), name
+    assert all(not torch.equal(p, before[name]) for name, p in single.named_parameters())  # all trained
+    # Each rank keeps state for its share only: 1/W of one process's, give or take one matrix's
+    # momentum (Muon hands out whole matrices) and the replicated vectors.
+    per_rank = [torch.load(tmp_path / f"state{r}.pt") for r in range(world)]
+    total = optimizer_state_bytes(opt)
+    one_matrix = max(s["momentum_buffer"].nbytes for s in opt.optimizers[0].state.values())
+    assert sum(per_rank) == pytest.approx(total, rel=0.01), (per_rank, total)
+    assert max(per_rank) <= total / world + one_matrix, (per_rank, total, one_matrix)
 
 
 def test_optimizer_state_survives_checkpoint(tmp_path):
@@ -182,3 +195,21 @@ def test_muon_refinements_normuon_cautious_decay_and_momentum_cooldown():
     assert muon_momentum(20, cfg, lr_mult=1.0) == pytest.approx(0.95)
     assert muon_momentum(20, cfg, lr_mult=0.0) == pytest.approx(0.85)
     assert muon_momentum(20, OptimConfig(muon_momentum_warmup=10), lr_mult=0.0) == pytest.approx(0.95)
+
+
+def test_step_rates_count_attention_at_the_rows_real_width():
+    """The chat stages' rows are narrower than the sequence length: a step's FLOPs add up each
+    batch's rows × width × FLOPs per token at that width, not at the model's sequence length."""
+    from nanochat.train.loop import _Counted, step_rates
+
+    model = tiny_gpt()
+    rows = [(torch.zeros(2, 5, dtype=torch.long), None), (torch.zeros(3, 16, dtype=torch.long), None)]
+    batches = _Counted(iter(rows))
+    next(batches), next(batches)
+    positions, flops = batches.take(model, world_size=2)
+    assert positions == 2 * (2 * 5 + 3 * 16)
+    assert flops == 2 * (2 * 5 * model.flops_per_token(5) + 3 * 16 * model.flops_per_token(16))
+    assert flops < positions * model.flops_per_token()  # less than counting every row at full width
+    assert batches.take(model, world_size=2) == (0, 0)  # each step counts its own batches
+    tok_per_s, mfu = step_rates(positions, flops, 0.5, RT)
+    assert tok_per_s == 2 * positions and mfu is None  # no known peak on a CPU

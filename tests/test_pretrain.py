@@ -143,6 +143,44 @@ def test_compiled_pretraining_compiles_once_and_learns_as_eager(corpus):
     assert compiled == pytest.approx(eager, rel=tolerance)
 
 
+def test_two_nodes_of_two_processes_on_loopback_train_and_resume(corpus):
+    """Multi-node as torchrun runs it: two launchers (`--nnodes 2`, node ranks 0 and 1) meeting at a
+    c10d rendezvous on 127.0.0.1, two processes each; then the same again with --resume."""
+    import socket
+
+    from nanochat.config import run_dir
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def launch(steps: int, resume: bool) -> None:
+        def node(rank: int) -> subprocess.Popen:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2",
+                   f"--node_rank={rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                   f"--rdzv_id=nodes-{steps}", "-m", "nanochat.cli", "--", "pretrain", "--run", "nodes",
+                   "--tokenizer", "t", "--data", str(corpus), "--device", "cpu", "--depth", "2",
+                   "--aspect-ratio", "32", "--head-dim", "32", "--sequence-len", "32", "--total-batch-tokens", "256",
+                   "--micro-batch", "2", "--max-steps", str(steps), "--save-every", "2", "--eval-every", "0",
+                   "--eval-tokens", "1024", "--no-compile", *(["--resume"] if resume else [])]
+            return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    env=dict(os.environ))
+        nodes = [node(0), node(1)]
+        outputs = [n.communicate(timeout=300)[0] for n in nodes]
+        for n, out in zip(nodes, outputs, strict=True):
+            assert n.returncode == 0, out[-3000:]
+
+    launch(2, resume=False)
+    first = read_meta(latest_checkpoint(run_dir("nodes")))
+    assert first["step"] == 2 and first["world_size"] == 4
+    launch(4, resume=True)
+    meta = read_meta(latest_checkpoint(run_dir("nodes")))
+    assert meta["step"] == 4 and meta["final"] and meta["world_size"] == 4 and math.isfinite(meta["val_bpb"])
+    # every rank wrote its own optimizer shard, and the resumed run continued from them
+    assert sorted(p.name for p in latest_checkpoint(run_dir("nodes")).glob("rank*.pt")) == [
+        f"rank{r}.pt" for r in range(4)]
+
+
 def test_out_of_memory_ends_with_the_estimate_and_the_fix(corpus, monkeypatch):
     def oom(plan, rt):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

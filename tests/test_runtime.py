@@ -5,8 +5,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny_model import fixed_rows, tiny_gpt
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from nanochat.runtime import cpu_has_native_bf16, init_runtime, peak_flops, pick_dtype
+from nanochat.runtime import (
+    FUSED_ATTENTION,
+    cpu_has_native_bf16,
+    fastest_attention,
+    init_runtime,
+    peak_flops,
+    pick_dtype,
+)
 
 
 def test_peak_flops_table():
@@ -57,3 +66,19 @@ def test_cuda_runtime_uses_bf16_on_ampere():
     rt = init_runtime(device="cuda")
     expect = torch.bfloat16 if torch.cuda.get_device_capability() >= (8, 0) else None
     assert rt.autocast_dtype is expect
+
+
+def test_fastest_attention_orders_the_kernels_that_run_and_ends_with_math():
+    cpu = torch.device("cpu")
+    for kv_heads in (4, 2):  # plain and grouped-query attention
+        order = fastest_attention(cpu, 4, kv_heads, 64, 16, torch.float32)
+        assert order[-1] == SDPBackend.MATH and len(set(order)) == len(order)
+        assert set(order[:-1]) <= set(FUSED_ATTENTION)
+        assert SDPBackend.FLASH_ATTENTION in order  # the CPU's fused kernel
+        assert SDPBackend.CUDNN_ATTENTION not in order  # a CUDA-only kernel is left out, not an error
+    # the order is a valid priority for the model, compiled too
+    model = tiny_gpt()
+    x, y = fixed_rows(2)
+    with sdpa_kernel(order, set_priority=True):
+        compiled = torch.compile(model, backend="aot_eager")(x, y)
+    torch.testing.assert_close(compiled, model(x, y))

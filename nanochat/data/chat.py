@@ -46,7 +46,6 @@ class ChatBatches:
         else:
             self.rows = conversations
         self.next_row = 0
-        self.positions = 0  # token positions of every batch handed out so far (padding included)
 
     def __len__(self) -> int:
         """Whole batches left in one pass, for this rank."""
@@ -68,8 +67,9 @@ class ChatBatches:
             ids[b, :row.shape[1]] = row[0]
             learn[b, :row.shape[1]] = row[1] == 1
         x = torch.from_numpy(ids[:, :-1])
-        self.positions += x.numel()
         y = torch.from_numpy(np.where(learn[:, 1:], ids[:, 1:], -1))
+        if self.device.type == "cuda":  # from page-locked memory the copies are asynchronous
+            x, y = x.pin_memory(), y.pin_memory()
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def state_dict(self) -> dict:

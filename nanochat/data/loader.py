@@ -177,7 +177,6 @@ class DataLoader:
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
         self.wait_seconds = 0.0  # time the consumer spent blocked on the queue
-        self.positions = 0  # input positions of every batch handed out so far (for tokens/s)
 
     # -- the background thread -----------------------------------------------------------
 
@@ -245,7 +244,6 @@ class DataLoader:
             self.close()
             raise StopIteration
         self._state = state
-        self.positions += batch.shape[0] * self.seq_len
         batch = batch.to(self.device, non_blocking=True)
         return batch[:, :-1], batch[:, 1:]
 

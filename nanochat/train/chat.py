@@ -2,9 +2,9 @@
 
 Both continue a run's model on conversations rendered in the chat format (loss only on what the
 assistant writes), through the same stage loop as pretraining (`train/loop.py`: accumulation,
-DDP, the supervised-token normalisation that keeps an all-masked micro-batch at zero loss,
-checkpoints, resume, metrics). What differs lives here: the starting model, the task mixture
-and its batches (`data/chat.py`), and the evaluation (`evaluate/probes.py`).
+the sharded optimizer under torchrun, the supervised-token normalisation that keeps an all-masked
+micro-batch at zero loss, checkpoints, resume, metrics). What differs lives here: the starting
+model, the task mixture and its batches (`data/chat.py`), and the evaluation (`evaluate/probes.py`).
 
   midtrain  base checkpoint -> runs/<run>/mid. Conversations are concatenated into one token
             stream and cut into full rows: every token of every row is used, and the model

@@ -7,7 +7,8 @@ a `StagePlan`; `train_stage` does the rest the same way for all of them:
   resume or refuse   `--resume` continues the stage's newest checkpoint (model, optimizer, RNG,
                      data position) and is an error when there is none; a stage that already has
                      checkpoints is refused without `--resume`, so nothing is overwritten
-  wrap               DistributedDataParallel under torchrun (device_ids on CUDA), torch.compile
+  wrap               under torchrun, rank 0's weights broadcast to all ranks (no DDP: the sharded
+                     optimizer sums the gradients itself, nanochat.optim); torch.compile
   every step         schedule, `train_step`, a stop naming the last good checkpoint when the loss
                      is NaN/inf, metrics.jsonl and the progress bar (loss, tok/s, MFU, ETA)
   cadence            the stage's own evaluation every `eval_every` steps, a checkpoint every
@@ -17,7 +18,7 @@ a `StagePlan`; `train_stage` does the rest the same way for all of them:
 Normalisation. A step's loss is the mean over *all* supervised tokens of the step — every
 micro-batch on every rank — not a mean of per-micro-batch means. Each micro-batch's summed loss
 is divided by the global count of supervised tokens (one all-reduce of a scalar per step), and
-multiplied by the world size because DDP averages gradients over ranks. So 1 process × 8
+the optimizer sums the ranks' gradients (nanochat.optim's sharded Muon and AdamW). So 1 process × 8
 micro-batches, 8 processes × 1, and chat batches where some rows have few (or zero) supervised
 tokens all produce the same gradient as one big batch, and a micro-batch with nothing to learn
 contributes exactly zero instead of a NaN.
@@ -35,7 +36,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.nn.attention import sdpa_kernel
 
 from nanochat.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from nanochat.config import ConfigError, OptimConfig, run_dir
@@ -44,7 +45,7 @@ from nanochat.gpt import GPT
 from nanochat.metrics import MetricsLogger, progress
 from nanochat.optim import apply_schedule
 from nanochat.runs import get_stage, stage_dir, stage_name
-from nanochat.runtime import Runtime, print0
+from nanochat.runtime import Runtime, fastest_attention, print0
 
 
 def grad_accum_steps(total_batch_tokens: int, micro_batch: int, seq_len: int, world_size: int) -> int:
@@ -58,12 +59,34 @@ def grad_accum_steps(total_batch_tokens: int, micro_batch: int, seq_len: int, wo
     return total_batch_tokens // per_micro_step
 
 
-def step_rates(tokens: int, seconds: float, flops_per_token: int, rt: Runtime) -> tuple[float, float | None]:
+def step_rates(tokens: int, flops: float, seconds: float, rt: Runtime) -> tuple[float, float | None]:
     """(tokens/s of all ranks, model FLOPs utilisation or None when the device's peak is unknown) of
-    a step that processed `tokens` positions in all, forward and backward, in `seconds`."""
-    tok_per_s = tokens / seconds
+    a step that processed `tokens` positions and `flops` model FLOPs in all ranks, forward and
+    backward, in `seconds`."""
     peak = rt.peak_flops
-    return tok_per_s, (flops_per_token * tok_per_s / (peak * rt.world_size) if peak else None)
+    return tokens / seconds, (flops / seconds / (peak * rt.world_size) if peak else None)
+
+
+class _Counted:
+    """A stage's batches, noting the shape (rows, width) of each one handed out: a step's tokens and
+    FLOPs, with attention counted at the rows' real width (the chat stages' rows are narrower than
+    the sequence length)."""
+
+    def __init__(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]):
+        self.batches, self.shapes = batches, []
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = next(self.batches)
+        self.shapes.append(tuple(x.shape))
+        return x, y
+
+    def take(self, model: GPT, world_size: int) -> tuple[int, float]:
+        """(positions, FLOPs) of the batches since the last call, times `world_size` (the other
+        ranks' rows are as wide, up to their own padding)."""
+        positions = sum(rows * width for rows, width in self.shapes)
+        flops = sum(rows * width * model.flops_per_token(width) for rows, width in self.shapes)
+        self.shapes = []
+        return positions * world_size, flops * world_size
 
 
 def rates_postfix(loss: float, tok_per_s: float, mfu: float | None) -> dict[str, str]:
@@ -81,24 +104,24 @@ def train_step(model: nn.Module, optimizer, batches: Iterator[tuple[torch.Tensor
                accum_steps: int, rt: Runtime) -> tuple[float, int]:
     """Run `accum_steps` forward/backward passes and one optimizer step.
 
-    `model` may be wrapped in DistributedDataParallel (gradients are then synchronised only on
-    the last micro-batch). Returns (mean loss over the step's supervised tokens, their count);
-    when no token of the step is supervised the optimizer is not stepped.
+    Gradients stay on their rank until the optimizer step, which sums them over ranks (the
+    optimizer is sharded under torchrun: `nanochat.optim.build_optimizer`). Returns (mean loss over
+    the step's supervised tokens, their count); when no token of the step is supervised the
+    optimizer is not stepped.
     """
     micro = [next(batches) for _ in range(accum_steps)]
     n_supervised = _all_reduce_sum(sum((y != -1).sum() for _, y in micro).to(rt.device, torch.float32))
-    scale = rt.world_size / n_supervised.clamp(min=1)
+    # Read now, while the device is idle (the loop synchronised at the end of the last step), rather
+    # than after the backward passes, which would stall the queue before the optimizer step.
+    count = int(n_supervised.item())
+    scale = 1 / n_supervised.clamp(min=1)
     total = torch.zeros((), device=rt.device)
-    for i, (x, y) in enumerate(micro):
-        last = i == accum_steps - 1
-        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
-            with rt.autocast():
-                loss_sum = model(x, y, loss_reduction="sum")
-            (loss_sum * scale).backward()
+    for x, y in micro:
+        with rt.autocast():
+            loss_sum = model(x, y, loss_reduction="sum")
+        (loss_sum * scale).backward()
         total += loss_sum.detach()
     total = _all_reduce_sum(total)
-    count = int(n_supervised.item())
     if count:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -111,8 +134,6 @@ def train_step(model: nn.Module, optimizer, batches: Iterator[tuple[torch.Tensor
 
 class Batches(Protocol):
     """What the loop needs of a stage's training batches (`DataLoader`, `ChatBatches`)."""
-
-    positions: int  # input positions handed out so far, padding included
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]: ...
     def state_dict(self) -> dict: ...
@@ -196,63 +217,86 @@ def resume_or_refuse(plan: StagePlan) -> int:
     return meta["step"]
 
 
+def broadcast_weights(model: nn.Module) -> None:
+    """Give every rank rank 0's parameters (each rank seeds its own random init differently)."""
+    if dist.is_initialized():
+        with torch.no_grad():
+            for p in model.parameters():
+                dist.broadcast(p, src=0)
+
+
 def wrap_model(model: nn.Module, rt: Runtime, compile: bool, varying_width: bool = False) -> nn.Module:
-    """The model the steps run: DDP under torchrun (one device per process on CUDA), compiled if asked
-    (with dynamic shapes when the rows' width varies, so a new width is no recompile). Evaluation
-    runs the plain module: its shapes vary, and it runs too seldom to repay compiling."""
+    """The model the steps run, compiled if asked (with dynamic shapes when the rows' width varies,
+    so a new width is no recompile). Under torchrun the ranks first agree on rank 0's weights; the
+    model is not wrapped in DDP (the optimizer reduces the gradients), so the graph is whole and
+    the rotary tables are not re-broadcast every forward. Evaluation runs the plain module: its
+    shapes vary, and it runs too seldom to repay compiling."""
     if rt.distributed:
-        model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        broadcast_weights(model)
     if not compile:
         return model
     return torch.compile(model, dynamic=True if varying_width else None)
+
+
+def attention_backends(model: GPT, rt: Runtime) -> contextlib.AbstractContextManager:
+    """On CUDA, the SDPA backends measured fastest for the model's attention shape
+    (`runtime.fastest_attention`), as the priority order for the whole stage; elsewhere PyTorch's
+    own choice (the CPU has one fused kernel)."""
+    if rt.device.type != "cuda":
+        return contextlib.nullcontext()
+    cfg = model.config
+    order = fastest_attention(rt.device, cfg.n_head, cfg.kv_heads, cfg.sequence_len, cfg.head_dim,
+                              rt.autocast_dtype or torch.float32)
+    print0("attention kernels, fastest first: " + " > ".join(b.name.lower() for b in order))
+    return sdpa_kernel(order, set_priority=True)
 
 
 def train_stage(plan: StagePlan, rt: Runtime) -> StageResult:
     """Resume or start `plan`'s stage and train it to `total_steps` (see the module docstring)."""
     step = resume_or_refuse(plan)
     train_model = wrap_model(plan.model, rt, plan.compile, plan.varying_width)
+    counted = _Counted(plan.batches)
     out = stage_dir(plan.run, plan.stage)
-    flops_per_token = plan.model.flops_per_token()
     evaluation: dict = {}
     conclusion: dict = {}
     logger = MetricsLogger(run_dir(plan.run) / "metrics.jsonl", config=plan.config, run_name=plan.run)
     bar = progress(total=plan.total_steps, initial=step, desc=get_stage(plan.stage).command, unit="step")
     started, first_step = time.time(), step
     try:
-        while step < plan.total_steps:
-            lr_mult = apply_schedule(plan.optimizer, step, plan.total_steps, plan.optim)
-            t0, handed_out = time.perf_counter(), plan.batches.positions
-            loss, supervised = train_step(train_model, plan.optimizer, plan.batches, plan.accum, rt)
-            rt.sync()
-            dt = time.perf_counter() - t0
-            if not math.isfinite(loss):
-                last = latest_checkpoint(out)
-                raise NanochatError(
-                    f"the {plan.stage} loss became {loss} at step {step + 1}: training diverged. "
-                    + (f"The last good checkpoint is {last}; " if last else "No checkpoint was written yet; ")
-                    + "lower the learning rates (--optim.matrix-lr, --optim.embedding-lr …, or --lr-scale in "
-                      "the chat stages) and start again")
-            step += 1
-            # Every position of every row goes through the model, padding too (this rank's count ×
-            # ranks: the other ranks' rows are as wide, up to their own padding).
-            positions = (plan.batches.positions - handed_out) * rt.world_size
-            tok_per_s, mfu = step_rates(positions, dt, flops_per_token, rt)
-            elapsed = time.time() - started
-            logger.log(step, stage=plan.stage, loss=loss, lr=plan.optimizer.param_groups[0]["lr"], lr_mult=lr_mult,
-                       supervised_tokens=supervised, tokens=positions, tok_per_s=tok_per_s, mfu=mfu,
-                       elapsed=elapsed, eta_s=elapsed / (step - first_step) * (plan.total_steps - step),
-                       **plan.step_metrics())
-            bar.set_postfix(rates_postfix(loss, tok_per_s, mfu))
-            bar.update()
-            done = step == plan.total_steps
-            if done or (plan.eval_every and step % plan.eval_every == 0):
-                evaluation = plan.evaluate(step)
-                logger.log(step, stage=plan.stage, **evaluation)
-            if done or (plan.save_every and step % plan.save_every == 0):
-                meta = {"stage": plan.stage, "final": done, "config": plan.config, "total_steps": plan.total_steps,
-                        **plan.meta, **{k: v for k, v in evaluation.items() if isinstance(v, (int, float))}}
-                save_checkpoint(out, step, plan.model, meta, plan.optimizer, plan.keep_last,
-                                rank_state={"data": plan.batches.state_dict()})
+        with attention_backends(plan.model, rt):
+            while step < plan.total_steps:
+                lr_mult = apply_schedule(plan.optimizer, step, plan.total_steps, plan.optim)
+                t0 = time.perf_counter()
+                loss, supervised = train_step(train_model, plan.optimizer, counted, plan.accum, rt)
+                rt.sync()
+                dt = time.perf_counter() - t0
+                if not math.isfinite(loss):
+                    last = latest_checkpoint(out)
+                    raise NanochatError(
+                        f"the {plan.stage} loss became {loss} at step {step + 1}: training diverged. "
+                        + (f"The last good checkpoint is {last}; " if last else "No checkpoint was written yet; ")
+                        + "lower the learning rates (--optim.matrix-lr, --optim.embedding-lr …, or --lr-scale in "
+                          "the chat stages) and start again")
+                step += 1
+                # Every position of every row goes through the model, padding too.
+                positions, flops = counted.take(plan.model, rt.world_size)
+                tok_per_s, mfu = step_rates(positions, flops, dt, rt)
+                elapsed = time.time() - started
+                logger.log(step, stage=plan.stage, loss=loss, lr=plan.optimizer.param_groups[0]["lr"], lr_mult=lr_mult,
+                           supervised_tokens=supervised, tokens=positions, tok_per_s=tok_per_s, mfu=mfu,
+                           elapsed=elapsed, eta_s=elapsed / (step - first_step) * (plan.total_steps - step),
+                           **plan.step_metrics())
+                bar.set_postfix(rates_postfix(loss, tok_per_s, mfu))
+                bar.update()
+                done = step == plan.total_steps
+                if done or (plan.eval_every and step % plan.eval_every == 0):
+                    evaluation = plan.evaluate(step)
+                    logger.log(step, stage=plan.stage, **evaluation)
+                if done or (plan.save_every and step % plan.save_every == 0):
+                    meta = {"stage": plan.stage, "final": done, "config": plan.config, "total_steps": plan.total_steps,
+                            **plan.meta, **{k: v for k, v in evaluation.items() if isinstance(v, (int, float))}}
+                    save_checkpoint(out, step, plan.model, meta, plan.optimizer, plan.keep_last,
+                                    rank_state={"data": plan.batches.state_dict()})
         bar.close()
         conclusion = plan.conclude(step)
         if conclusion:

@@ -63,9 +63,10 @@ def norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-# Logits above this many elements (1 GiB in fp32) are made a chunk of rows of this size at a time: d20's
-# 32 × 2048 rows × 65,536 (17 GB) in 16 chunks, few enough for torch.compile to unroll the loop.
-LOSS_CHUNK_ELEMENTS = 2**28
+# Logits above this many elements (512 MiB in fp32; the loss then peaks near 2 GiB) are made a chunk
+# of rows of this size at a time: d20's 16 × 2048 rows × 65,536 (8.6 GB) in 16 chunks of 2,048 rows,
+# each still a full-size matmul for a GPU, and few enough for torch.compile to unroll the loop.
+LOSS_CHUNK_ELEMENTS = 2**27
 
 
 def _capped_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float) -> torch.Tensor:
@@ -416,14 +417,19 @@ class GPT(nn.Module):
         return x
 
     def new_kv_cache(self, batch_size: int, max_len: int, pad: torch.Tensor | None = None,
-                     dtype: torch.dtype = torch.float32) -> KVCache:
+                     dtype: torch.dtype | None = None) -> KVCache:
         """An empty cache for `batch_size` rows of up to `max_len` slots (pad slots included); `pad`
-        is each row's number of left-pad tokens. dtype: what k/v are computed in (the autocast dtype)."""
+        is each row's number of left-pad tokens. dtype: what k/v are computed in; by default the
+        autocast dtype when autocast is on for the model's device (half the memory of fp32 in bf16),
+        else the weights' dtype."""
         if max_len > self.max_positions:
             raise NanochatError(f"max_len {max_len} exceeds the model's {self.max_positions} rotary positions")
-        cfg = self.config
-        return KVCache(cfg.depth, batch_size, cfg.kv_heads, max_len, cfg.head_dim, pad,
-                       self.lm_head.weight.device, dtype)
+        cfg, weight = self.config, self.lm_head.weight
+        if dtype is None:
+            device_type = weight.device.type
+            autocast = torch.is_autocast_enabled(device_type)
+            dtype = torch.get_autocast_dtype(device_type) if autocast else weight.dtype
+        return KVCache(cfg.depth, batch_size, cfg.kv_heads, max_len, cfg.head_dim, pad, weight.device, dtype)
 
     def lookup_tables(self) -> list[nn.Parameter]:
         """The weights used as lookups rather than matmuls: the token, value and bigram embeddings."""

@@ -2,8 +2,8 @@
 
     params       fp32 master weights                                   4 B × parameters
     grads        fp32 gradients (they persist across micro-batches)    4 B × parameters
-    optimizer    AdamW: two fp32 moments; Muon: one fp32 momentum       8 B / 4 B × its parameters
-    ddp          DistributedDataParallel's gradient buckets (W > 1)     4 B × parameters
+    optimizer    AdamW: two fp32 moments; Muon: one fp32 momentum       (8 B / 4 B × its parameters) / W
+                 (sharded over the W ranks: nanochat.optim)
     casts        bf16 copies of the matmul weights autocast makes       2 B × matmul parameters
     activations  what autograd saves for the backward pass, per token and layer (below)
     loss         the head's logits while the loss and its gradient are computed
@@ -18,13 +18,24 @@ n_embd (= n_head · head_dim), K = n_kv_head · head_dim, F = the MLP's hidden s
 
 (SwiGLU's 4·F hidden tensors are 2·F for ReLU²; the x0 mix-in adds 4·C per layer)
 
+Compiled (torch.compile's default partitioner, which chooses what to save and what to recompute
+in the backward pass; checked exactly against the tensors its backward graph takes, in
+tests/test_memory.py), a block saves less:
+
+    fp32   4 · (8·C + 3·K + 3·F + 2·H + Hk + 2)  bytes   (one SwiGLU hidden tensor recomputed)
+    bf16   20·C + 6·K + 6·F + 8·H + 4·Hk + 8    bytes   (the normed inputs' casts shared; the
+           residual's fp32 copies are recomputed from bf16 ones)
+
+(ReLU²'s 2·F tensors stay). The embedding, value embeddings and loss are counted as in eager mode.
+
 plus per token the embedding's and final norm's inputs, and per value-embedding layer its lookup.
 The plain loss holds four fp32 N×V tensors at its peak (logits, soft-capped, log-softmax, their
 gradient); the chunked loss (`gpt.head_loss`) holds only the gradients of h and W and one chunk.
 
-Compiled, the model saves less (inductor fuses elementwise work and recomputes cheap parts), so
-the eager figure is an upper bound for a compiled run. Not counted: the allocator's fragmentation
-and the CUDA context, which `choose_micro_batch` leaves HEADROOM for.
+Not counted: the allocator's fragmentation, the CUDA context and the compiled kernels' own
+scratch buffers, which `choose_micro_batch` leaves HEADROOM for; and the sharded optimizer's
+step buffers (two shapes' stacked matrices), which live after the backward pass has freed the
+activations.
 """
 
 from __future__ import annotations
@@ -44,7 +55,6 @@ class MemoryEstimate:
     params: int
     grads: int
     optimizer: int
-    ddp: int
     casts: int
     activations: int
     loss: int
@@ -73,14 +83,17 @@ def parameter_counts(cfg: ModelConfig, vocab_size: int) -> dict[str, int]:
     return {"muon": muon, "adamw": head + tables + vectors, "matmul": cfg.depth * per_block + gates + V * C}
 
 
-def activation_bytes_per_token(cfg: ModelConfig, bf16: bool) -> int:
+def activation_bytes_per_token(cfg: ModelConfig, bf16: bool, compiled: bool = False) -> int:
     """Bytes autograd saves per token for the whole model, the loss excluded (see the module docstring)."""
     C, K, F = cfg.n_embd, cfg.kv_heads * cfg.head_dim, cfg.mlp_hidden
     H, Hk = cfg.n_head, cfg.kv_heads
-    # SwiGLU saves h, gate, silu(gate) and their product; ReLU² only relu(h) and its square.
-    F_saved = 2 * F if cfg.mlp == "relu2" else 4 * F
+    # SwiGLU saves h, gate, silu(gate) and their product (compiled: one is recomputed); ReLU² only
+    # relu(h) and its square.
+    F_saved = 2 * F if cfg.mlp == "relu2" else (3 if compiled else 4) * F
     # Attention saves q and its output (C each) but K and V unrepeated (K each: SDPA's enable_gqa).
-    if bf16:
+    if bf16 and compiled:
+        per_layer = 20 * C + 6 * K + 2 * F_saved + 8 * H + 4 * Hk + 8
+    elif bf16:
         per_layer = 28 * C + 8 * K + 2 * F_saved + 8 * H + 4 * Hk + 8
     else:
         per_layer = 4 * (8 * C + 3 * K + F_saved + 2 * H + Hk + 2)
@@ -107,18 +120,17 @@ def loss_bytes(cfg: ModelConfig, vocab_size: int, tokens: int) -> int:
 
 
 def estimate(cfg: ModelConfig, vocab_size: int, micro_batch: int, bf16: bool, world_size: int = 1,
-             seq_len: int | None = None) -> MemoryEstimate:
-    """Peak training memory of one rank for micro-batches of `micro_batch` rows (eager; see the module docstring)."""
+             seq_len: int | None = None, compiled: bool = False) -> MemoryEstimate:
+    """Peak training memory of one rank for micro-batches of `micro_batch` rows (see the module docstring)."""
     counts = parameter_counts(cfg, vocab_size)
     total = counts["muon"] + counts["adamw"]
     tokens = micro_batch * (seq_len or cfg.sequence_len)
     return MemoryEstimate(
         params=4 * total,
         grads=4 * total,
-        optimizer=4 * counts["muon"] + 8 * counts["adamw"],
-        ddp=4 * total if world_size > 1 else 0,
+        optimizer=-(-(4 * counts["muon"] + 8 * counts["adamw"]) // world_size),
         casts=2 * counts["matmul"] if bf16 else 0,
-        activations=tokens * activation_bytes_per_token(cfg, bf16),
+        activations=tokens * activation_bytes_per_token(cfg, bf16, compiled),
         loss=loss_bytes(cfg, vocab_size, tokens),
     )
 
@@ -141,7 +153,8 @@ def choose_micro_batch(cfg: TrainConfig, vocab_size: int, world_size: int, bf16:
     def fits(m: int) -> bool:
         if available is None:
             return True
-        return estimate(cfg.model, vocab_size, m, bf16, world_size).total <= (1 - HEADROOM) * available
+        need = estimate(cfg.model, vocab_size, m, bf16, world_size, compiled=cfg.compile)
+        return need.total <= (1 - HEADROOM) * available
 
     candidates = [m for m in (2**i for i in range(11)) if m <= max(per_rank_rows, 1) and divides(m)]
     if cfg.micro_batch == "auto" and not candidates:
@@ -151,24 +164,28 @@ def choose_micro_batch(cfg: TrainConfig, vocab_size: int, world_size: int, bf16:
     if cfg.micro_batch != "auto":
         if fits(cfg.micro_batch):
             return cfg.micro_batch
-        need = estimate(cfg.model, vocab_size, cfg.micro_batch, bf16, world_size)
+        need = estimate(cfg.model, vocab_size, cfg.micro_batch, bf16, world_size, compiled=cfg.compile)
         fix = (f"use --micro-batch {fitting[-1]} (the largest that fits) or --micro-batch auto" if fitting else
                "not even one row per micro-batch fits: use more devices or a smaller model")
         raise ConfigError(f"--micro-batch {cfg.micro_batch} needs about {need.total / GIB:.1f} GiB on each rank, more "
                           f"than {(1 - HEADROOM) * available / GIB:.1f} GiB ({1 - HEADROOM:.0%} of the "
-                          f"{available / GIB:.1f} GiB free on {where}); {fix}. The estimate (eager; compiled "
-                          f"runs need less):\n{need.table()}")
+                          f"{available / GIB:.1f} GiB free on {where}); {fix}. The estimate "
+                          f"({_mode(cfg)}):\n{need.table()}")
     if not fitting:
-        one = estimate(cfg.model, vocab_size, 1, bf16, world_size)
+        one = estimate(cfg.model, vocab_size, 1, bf16, world_size, compiled=cfg.compile)
         raise ConfigError(f"--micro-batch auto: not even one row fits the {(available or 0) / GIB:.1f} GiB free on "
                           f"{where} (one row needs about {one.total / GIB:.1f} GiB); use more devices or a smaller "
                           f"model. The estimate for one row:\n{one.table()}")
     return fitting[-1]
 
 
+def _mode(cfg: TrainConfig) -> str:
+    return "compiled" if cfg.compile else "eager: --compile needs less"
+
+
 def out_of_memory_message(cfg: TrainConfig, vocab_size: int, world_size: int, bf16: bool, where: str) -> str:
     """What a training run that ran out of device memory says: the estimate and the fix."""
-    need = estimate(cfg.model, vocab_size, cfg.micro_batch, bf16, world_size)
+    need = estimate(cfg.model, vocab_size, cfg.micro_batch, bf16, world_size, compiled=cfg.compile)
     smaller = f"--micro-batch {cfg.micro_batch // 2}" if cfg.micro_batch > 1 else "more devices or a smaller model"
     return (f"out of memory on {where} at --micro-batch {cfg.micro_batch} (estimated peak {need.total / GIB:.1f} GiB "
             f"per rank; the estimate is below). Checkpoints already written are kept; start again with {smaller} "

@@ -302,8 +302,10 @@ def test_bf16_autocast_forward_backward_and_cache():
         loss = model(x, x)
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
-    cache = model.new_kv_cache(2, 17, dtype=torch.bfloat16)
+    assert model.new_kv_cache(2, 17).k.dtype == torch.float32  # no autocast: the weights' dtype
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = model.new_kv_cache(2, 17)  # by default the autocast dtype: half fp32's memory
+        assert cache.k.dtype == cache.v.dtype == torch.bfloat16
         model(x, kv_cache=cache)
         logits = model(x[:, :1], kv_cache=cache)
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()

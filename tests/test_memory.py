@@ -1,5 +1,6 @@
 """The training-memory estimate (nanochat/memory.py) against what the model really holds on the CPU:
-parameter counts against the optimizer's groups, saved activations against autograd's saved tensors."""
+parameter counts against the optimizer's groups, saved activations against autograd's saved tensors
+(eager) and against the tensors torch.compile's partitioner hands its backward graph (compiled)."""
 
 import contextlib
 import dataclasses
@@ -44,6 +45,33 @@ def saved_bytes(model: GPT, batch: int, bf16: bool) -> int:
     return sum(held.values())
 
 
+def compiled_saved_bytes(model: GPT, batch: int, bf16: bool) -> int:
+    """Bytes of the tensors the compiled forward saves for its backward: the backward graph's inputs
+    other than parameters/inputs (`primals`) and incoming gradients (`tangents`), partitioned by the
+    min-cut partitioner inductor uses (the graphs themselves run uncompiled, to keep this quick)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    held = []
+
+    def backward_compiler(gm, example_inputs):
+        held.extend(n.meta["val"].nbytes for n in gm.graph.nodes if n.op == "placeholder"
+                    and not n.name.startswith(("primals", "tangents")) and isinstance(n.meta.get("val"), torch.Tensor))
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=backward_compiler,
+                           partition_fn=min_cut_rematerialization_partition)
+    torch._dynamo.reset()
+    x = torch.randint(0, model.vocab_size, (batch, model.config.sequence_len + 1))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with autocast:
+        loss = torch.compile(model, backend=backend)(x[:, :-1], x[:, 1:])
+    loss.backward()
+    torch._dynamo.reset()
+    return sum(held)
+
+
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_parameter_counts_match_the_optimizer_groups(name):
     cfg = SHAPES[name]
@@ -68,13 +96,49 @@ def test_activation_estimate_matches_the_saved_tensors(name, bf16):
     assert saved_bytes(model, batch, bf16) == pytest.approx(expect, rel=0.05)
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["default", "gqa", "relu2", "deeper+wider"])
+def test_compiled_activation_estimate_matches_the_partitioners_saved_tensors(name, bf16):
+    """Depth 1 and 3 of one width: the difference is two blocks' worth, the per-layer formula's part."""
+    cfg, batch = SHAPES[name], 4
+    tokens = batch * cfg.sequence_len
+    shapes = {d: dataclasses.replace(cfg, depth=d, aspect_ratio=cfg.n_embd // d) for d in (1, 3)}
+    assert shapes[1].n_embd == shapes[3].n_embd == cfg.n_embd
+    saved = {}
+    for depth, shape in shapes.items():
+        torch.manual_seed(0)
+        saved[depth] = compiled_saved_bytes(GPT(shape, VOCAB), batch, bf16)
+    counts = {d: memory.parameter_counts(shape, VOCAB)["matmul"] for d, shape in shapes.items()}
+    casts = 2 * (counts[3] - counts[1]) if bf16 else 0  # the two blocks' bf16 weight copies are saved too
+
+    def two_blocks(compiled: bool) -> int:
+        per_token = [memory.activation_bytes_per_token(shapes[d], bf16, compiled) for d in (3, 1)]
+        return tokens * (per_token[0] - per_token[1])
+
+    assert saved[3] - saved[1] - casts == pytest.approx(two_blocks(compiled=True), rel=0.05)
+    assert two_blocks(compiled=True) <= two_blocks(compiled=False)  # compiled never needs more than eager
+
+
+def test_the_planner_fits_d20_and_d12_on_one_80gb_gpu_compiled():
+    """Issue 18's bar: d20 at 2048 tokens fits one 80 GB GPU (79.6 GiB usable on an H100 80GB) at a
+    micro-batch of 16 compiled, d12 at 32; eager d20 does not fit 16."""
+    h100 = int(79.6 * memory.GIB)
+    d20, d12 = PRESETS["d20"], PRESETS["d12"]
+    assert d20.compile and d12.compile and d20.model.sequence_len == 2048
+    assert memory.choose_micro_batch(d20, 65536, 1, True, h100) >= 16
+    assert memory.choose_micro_batch(d12, 65536, 1, True, h100) >= 32
+    assert memory.choose_micro_batch(dataclasses.replace(d20, compile=False), 65536, 1, True, h100) < 16
+
+
 def test_estimate_adds_up_and_scales_with_the_micro_batch():
     cfg = PRESETS["d20"].model
     one, two = memory.estimate(cfg, 65536, 8, bf16=True), memory.estimate(cfg, 65536, 16, bf16=True)
-    assert one.total == sum(getattr(one, k) for k in ("params", "grads", "optimizer", "ddp", "casts",
-                                                       "activations", "loss"))
-    assert two.activations == 2 * one.activations and two.params == one.params and two.ddp == 0
-    assert memory.estimate(cfg, 65536, 8, bf16=True, world_size=8).ddp == one.params  # DDP's buckets
+    assert one.total == sum(getattr(one, k) for k in ("params", "grads", "optimizer", "casts", "activations", "loss"))
+    assert two.activations == 2 * one.activations and two.params == one.params
+    # the sharded optimizer keeps 1/W of the moments on each rank; the weights and gradients are whole
+    eight = memory.estimate(cfg, 65536, 8, bf16=True, world_size=8)
+    assert eight.optimizer == pytest.approx(one.optimizer / 8, abs=1) and eight.grads == one.grads
+    assert memory.estimate(cfg, 65536, 8, bf16=True, compiled=True).activations < one.activations
     # d20 at the micro-batch of 32 does not fit an 80 GB GPU (issue 18's reading of the code) …
     assert memory.estimate(cfg, 65536, 32, bf16=True).total > 80e9
     # … and the chunked loss keeps the head far below 32 × 2048 × 65,536 fp32 logits (17 GB)
@@ -87,7 +151,7 @@ def test_choose_micro_batch_auto_explicit_and_refusals():
 
     cfg = PRESETS["d20"]
     assert cfg.micro_batch == "auto"
-    need = {m: memory.estimate(cfg.model, 65536, m, bf16=True).total for m in (4, 8, 16)}
+    need = {m: memory.estimate(cfg.model, 65536, m, bf16=True, compiled=True).total for m in (4, 8, 16)}
     choose = memory.choose_micro_batch
     room = int(need[8] / (1 - memory.HEADROOM)) + 1
     assert choose(cfg, 65536, 1, True, room) == 8

@@ -76,7 +76,7 @@ def pretrain(cfg: TrainConfig, rt: Runtime) -> dict:
     bf16, where = rt.autocast_dtype is torch.bfloat16, str(rt.device)
     micro = choose_micro_batch(cfg, tok.vocab_size, rt.world_size, bf16, _least_memory(rt), where)
     if cfg.micro_batch == "auto":
-        peak = estimate(cfg.model, tok.vocab_size, micro, bf16, rt.world_size).total
+        peak = estimate(cfg.model, tok.vocab_size, micro, bf16, rt.world_size, compiled=cfg.compile).total
         print0(f"--micro-batch auto: {micro} (estimated peak {peak / GIB:.1f} GiB per rank on {where})")
     cfg = dataclasses.replace(cfg, micro_batch=micro)
     accum = grad_accum_steps(cfg.total_batch_tokens, cfg.micro_batch, T, rt.world_size)

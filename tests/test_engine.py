@@ -200,3 +200,31 @@ def test_reply_parsing_needs_only_the_tokenizer(tok):
     words = tok.encode_ordinary("the cat")
     assert reply_text(tok, [*words, sid("<|assistant_end|>")]) == reply_text(tok, words) == "the cat"
     assert reply_text(tok, [*words, tok.bos_id]) == "the cat"
+
+
+def test_bf16_training_step_and_generation_as_on_cuda(tok, monkeypatch):
+    """CUDA's dtypes on the CPU: bf16 autocast through a compiled training step (Muon orthogonalising
+    in bf16, the chunked loss as d20 uses it) and then a generation with a bf16 KV cache, so that a
+    dtype mismatch fails here rather than first on a GPU."""
+    from nanochat import gpt as gpt_module
+    from nanochat.config import OptimConfig
+    from nanochat.optim import build_optimizer
+    from nanochat.train.loop import train_step
+
+    rt = init_runtime(device="cpu", dtype="bfloat16")
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(depth=2, aspect_ratio=32, head_dim=32, sequence_len=32), tok.vocab_size)
+    opt = build_optimizer(model, OptimConfig(), total_batch_tokens=4 * 32)
+    for group in opt.optimizers[0].param_groups:
+        group["ns_dtype"] = "bfloat16"  # what CUDA uses
+    monkeypatch.setattr(gpt_module, "LOSS_CHUNK_ELEMENTS", 40 * tok.vocab_size)  # 128 rows in 4 chunks
+    before = [p.detach().clone() for p in model.parameters()]
+    compiled = torch.compile(model, backend="aot_eager")
+    for _ in range(2):  # the second step moves the matrices behind the zero-initialised projections too
+        x = torch.randint(0, tok.vocab_size, (4, 33))
+        loss, count = train_step(compiled, opt, iter([(x[:, :-1], x[:, 1:])]), 1, rt)
+    assert count == 128 and 0 < loss < 2 * torch.log(torch.tensor(tok.vocab_size)).item()
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+    assert sum(not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True)) > len(before) // 2
+    reply = Engine(model, tok, rt).complete([tok.encode_ordinary("the cat"), [tok.bos_id]], Sampling(max_tokens=8))
+    assert [len(r) for r in reply] == [8, 8] and all(0 <= t < tok.vocab_size for r in reply for t in r)

@@ -49,6 +49,7 @@ class _Row:
     forced: list[int] = field(default_factory=list)  # tokens owed to the model before sampling again
     tool: list[int] | None = None  # tokens of an open tool call, if one is being written
     done: bool = False
+    sampled: bool = True  # the row's latest token was the model's choice (False: forced, a tool's output)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -104,6 +105,28 @@ class Engine:
         tokens depend on its own prompt, settings and seed alone, not on which other rows share the
         batch — what a server batching requests needs.
         """
+        rows, idx, cache, settings, generators = self._prepare(prompts, sampling)
+        with eval_mode(self.model):
+            yield from self._decode(rows, idx, cache, settings, generators)
+
+    @torch.inference_mode()
+    def rollout(self, prompts: list[list[int]], sampling: Sampling | Sequence[Sampling]
+                ) -> list[tuple[list[int], list[bool]]]:
+        """Every row's generated tokens (as `complete`) and, token by token, whether the model chose
+        it (True) or the engine forced it (False: a calculator result, <|output_start|> to
+        <|output_end|>): what reinforcement learning may and may not credit to the model."""
+        rows, idx, cache, settings, generators = self._prepare(prompts, sampling)
+        out: list[tuple[list[int], list[bool]]] = [([], []) for _ in prompts]
+        with eval_mode(self.model):
+            for step in self._decode(rows, idx, cache, settings, generators):
+                for (tokens, chosen), token, row in zip(out, step, rows, strict=True):
+                    if token is not None:
+                        tokens.append(token)
+                        chosen.append(row.sampled)
+        return out
+
+    def _prepare(self, prompts: list[list[int]], sampling: Sampling | Sequence[Sampling]):
+        """Rows, the left-padded prompt ids, an empty cache and the random streams of one generation."""
         model, rt = self.model, self.rt
         shared = isinstance(sampling, Sampling)
         settings = [sampling] * len(prompts) if shared else list(sampling)
@@ -119,8 +142,7 @@ class Engine:
         cache = model.new_kv_cache(len(prompts), width + budget, pad=pad, dtype=rt.autocast_dtype or torch.float32)
         generators = [torch.Generator(device=rt.device).manual_seed(s.seed) for s in settings[:1 if shared else None]]
         rows = [_Row(left=s.max_tokens) for s in settings]
-        with eval_mode(model):
-            yield from self._decode(rows, idx, cache, settings, generators)
+        return rows, idx, cache, settings, generators
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row], sampling: Sequence[Sampling],
                 generators: list[torch.Generator]) -> list[int]:
@@ -140,6 +162,7 @@ class Engine:
                 if row.done:
                     step.append(None)
                     continue
+                row.sampled = not row.forced
                 if row.forced:
                     token = row.forced.pop(0)
                 elif token == self.python_start:

@@ -89,15 +89,20 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float,
-                rows: int) -> torch.Tensor:
+                rows: int, token_weights: torch.Tensor | None = None) -> torch.Tensor:
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.size(0), rows):  # under autocast each matmul casts, as on the plain path
             hc, tc = h[start:start + rows], targets[start:start + rows]
             capped = _capped_logits(hc, weight, softcap)
-            total += F.cross_entropy(capped, tc, ignore_index=-1, reduction="sum")
             keep, safe = tc != -1, tc.clamp(min=0)
+            if token_weights is None:
+                total += F.cross_entropy(capped, tc, ignore_index=-1, reduction="sum")
+            else:  # each row's loss (and so its gradient) scaled by its weight
+                wc = token_weights[start:start + rows]
+                total += (F.cross_entropy(capped, tc, ignore_index=-1, reduction="none") * wc).sum()
+                keep = keep * wc
             g = torch.softmax(capped, dim=-1)  # d loss / d capped: softmax − one-hot on counted rows
             g.scatter_add_(1, safe[:, None], -torch.ones_like(g[:, :1]))
             g *= keep[:, None]
@@ -112,13 +117,15 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out, None, None, None
+        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out, None, None, None, None
 
 
 def head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float,
-              max_elements: int | None = None) -> torch.Tensor:
+              max_elements: int | None = None, token_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Summed cross-entropy of the soft-capped head logits of hidden rows `h` (N, C) against
-    `targets` (N,; -1 = no loss), W = `weight` (V, C) the head rows of the real vocabulary.
+    `targets` (N,; -1 = no loss), W = `weight` (V, C) the head rows of the real vocabulary; with
+    `token_weights` (N,), each row's cross-entropy times its weight (reinforcement learning's
+    advantages).
 
     When N×V logits fit in `max_elements` (the tiny preset: 4,096 × 4,096), the plain expression,
     which torch.compile fuses; above it, `rows` at a time so that no N×V tensor is ever held: with
@@ -128,12 +135,18 @@ def head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, soft
     max_elements = max_elements or LOSS_CHUNK_ELEMENTS
     if n * vocab <= max_elements:
         logits = _capped_logits(h, weight, softcap)
-        return F.cross_entropy(logits, targets, ignore_index=-1, reduction="sum")
+        if token_weights is None:
+            return F.cross_entropy(logits, targets, ignore_index=-1, reduction="sum")
+        return (F.cross_entropy(logits, targets, ignore_index=-1, reduction="none") * token_weights).sum()
     rows = max(1, max_elements // vocab)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _ChunkedHeadLoss.apply(h, weight, targets, softcap, rows)
-    return sum(F.cross_entropy(_capped_logits(h[i:i + rows], weight, softcap), targets[i:i + rows],
-                               ignore_index=-1, reduction="sum") for i in range(0, n, rows))
+        return _ChunkedHeadLoss.apply(h, weight, targets, softcap, rows, token_weights)
+    if token_weights is None:
+        return sum(F.cross_entropy(_capped_logits(h[i:i + rows], weight, softcap), targets[i:i + rows],
+                                   ignore_index=-1, reduction="sum") for i in range(0, n, rows))
+    return sum((F.cross_entropy(_capped_logits(h[i:i + rows], weight, softcap), targets[i:i + rows],
+                                ignore_index=-1, reduction="none") * token_weights[i:i + rows]).sum()
+               for i in range(0, n, rows))
 
 
 def padded_vocab(vocab_size: int) -> int:
@@ -352,10 +365,13 @@ class GPT(nn.Module):
             self.x0_lambdas.zero_()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                loss_reduction: Literal["mean", "sum"] = "mean", kv_cache: KVCache | None = None) -> torch.Tensor:
+                loss_reduction: Literal["mean", "sum"] = "mean", kv_cache: KVCache | None = None,
+                loss_weights: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) token ids. With targets (B, T; -1 = no loss there): the cross-entropy, mean over
-        the counted positions (0 when there are none) or their sum. Else float32 logits (B, T, vocab).
-        With a kv_cache, idx are the next T tokens of every row (a prompt, then one at a time)."""
+        the counted positions (0 when there are none) or their sum; with `loss_weights` (B, T), each
+        position's cross-entropy times its weight (RL: the advantage of the rollout it belongs to).
+        Else float32 logits (B, T, vocab). With a kv_cache, idx are the next T tokens of every row
+        (a prompt, then one at a time)."""
         T = idx.size(1)
         if kv_cache is None:  # every row starts at position 0: plain causal attention, no mask
             if T > self.max_positions:
@@ -379,7 +395,8 @@ class GPT(nn.Module):
         head = self.lm_head.weight[:self.vocab_size]  # the padded rows are never a target
         if targets is None:  # soft-cap: smoothly bound logits to ±cap
             return _capped_logits(x, head, self.config.logit_softcap)
-        loss = head_loss(x.flatten(0, 1), head, targets.reshape(-1), self.config.logit_softcap)
+        weights = None if loss_weights is None else loss_weights.reshape(-1).float()
+        loss = head_loss(x.flatten(0, 1), head, targets.reshape(-1), self.config.logit_softcap, token_weights=weights)
         if loss_reduction == "sum":
             return loss
         return loss / (targets != -1).sum().clamp(min=1)

@@ -87,6 +87,11 @@ def test_tool_call_result_is_forced_into_the_stream(tok):
     assert out == expect
     fed = [step[0] for step in model.fed[1:]]  # after the prompt, the model is fed each chosen token
     assert fed == expect[:-1]
+    # a rollout gives the same tokens and marks the forced ones: what RL must not credit to the model
+    ((tokens, chosen),) = Engine(Scripted(script, tok.vocab_size), tok, RT).rollout([[tok.bos_id]],
+                                                                                     Sampling(max_tokens=40))
+    assert tokens == expect
+    assert chosen == [True] * (len(call) + 2) + [False] * len(forced) + [True] * (len(after) + 1)
 
 
 def test_calculator_errors_become_tool_output_not_crashes(tok):

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nanochat import gpt as gpt_module
 from nanochat.config import PRESETS, ConfigError, ModelConfig
@@ -385,3 +386,40 @@ def test_bigram_embedding_reads_the_pair_of_previous_and_current_token():
         b = model._add_previous_token(twin, norm(model.wte(twin)), slice(0, 6), None)
     changed = [not torch.allclose(a[0, t], b[0, t]) for t in range(6)]
     assert changed == [False, False, True, True, False, False]  # the pairs (9, 17→18) and (17→18, 30)
+
+
+def test_weighted_loss_scales_each_position_plain_and_chunked(monkeypatch):
+    """loss_weights (RL's advantages, negative too) weight each position's cross-entropy, with the same
+    loss and gradients on the plain and the chunked path; without weights nothing changes."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(depth=1, aspect_ratio=32, head_dim=32, sequence_len=16), 300)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randint(0, 300, (4, 17))
+    idx, targets = x[:, :-1], x[:, 1:].clone()
+    targets[1, :5] = -1
+    weights = torch.randn(4, 16)
+
+    def loss_and_grads(**kw):
+        model.zero_grad()
+        loss = model(idx, targets, loss_reduction="sum", **kw)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    with torch.no_grad():
+        per_position = F.cross_entropy(model(idx).flatten(0, 1), targets.reshape(-1), ignore_index=-1,
+                                       reduction="none")
+    plain = loss_and_grads(loss_weights=weights)
+    torch.testing.assert_close(plain[0], (per_position * weights.reshape(-1)).sum(), rtol=1e-5, atol=1e-5)
+    ones = loss_and_grads(loss_weights=torch.ones(4, 16))
+    unweighted = loss_and_grads()
+    torch.testing.assert_close(ones[0], unweighted[0])
+    monkeypatch.setattr(gpt_module, "LOSS_CHUNK_ELEMENTS", 20 * 300)  # 64 rows → 4 chunks
+    chunked = loss_and_grads(loss_weights=weights)
+    torch.testing.assert_close(chunked[0], plain[0], rtol=1e-5, atol=1e-5)
+    for got, expect in zip(chunked[1], plain[1], strict=True):
+        torch.testing.assert_close(got, expect, rtol=0, atol=1e-5)
+    with torch.no_grad():  # the evaluation path (no gradients) weights the same way
+        torch.testing.assert_close(model(idx, targets, loss_reduction="sum", loss_weights=weights), plain[0],
+                                   rtol=1e-5, atol=1e-5)

@@ -75,10 +75,10 @@ class _Counted:
     def __init__(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]):
         self.batches, self.shapes = batches, []
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = next(self.batches)
-        self.shapes.append(tuple(x.shape))
-        return x, y
+    def __next__(self) -> tuple[torch.Tensor, ...]:
+        batch = next(self.batches)
+        self.shapes.append(tuple(batch[0].shape))
+        return batch
 
     def take(self, model: GPT, world_size: int) -> tuple[int, float]:
         """(positions, FLOPs) of the batches since the last call, times `world_size` (the other
@@ -107,18 +107,19 @@ def train_step(model: nn.Module, optimizer, batches: Iterator[tuple[torch.Tensor
     Gradients stay on their rank until the optimizer step, which sums them over ranks (the
     optimizer is sharded under torchrun: `nanochat.optim.build_optimizer`). Returns (mean loss over
     the step's supervised tokens, their count); when no token of the step is supervised the
-    optimizer is not stepped.
+    optimizer is not stepped. A batch may carry a third tensor, per-position loss weights (the RL
+    stage's advantages): the loss is then the weighted sum over the same global token count.
     """
     micro = [next(batches) for _ in range(accum_steps)]
-    n_supervised = _all_reduce_sum(sum((y != -1).sum() for _, y in micro).to(rt.device, torch.float32))
+    n_supervised = _all_reduce_sum(sum((batch[1] != -1).sum() for batch in micro).to(rt.device, torch.float32))
     # Read now, while the device is idle (the loop synchronised at the end of the last step), rather
     # than after the backward passes, which would stall the queue before the optimizer step.
     count = int(n_supervised.item())
     scale = 1 / n_supervised.clamp(min=1)
     total = torch.zeros((), device=rt.device)
-    for x, y in micro:
+    for x, y, *weights in micro:  # (x, y), or (x, y, per-position loss weights): RL's advantages
         with rt.autocast():
-            loss_sum = model(x, y, loss_reduction="sum")
+            loss_sum = model(x, y, loss_reduction="sum", **({"loss_weights": weights[0]} if weights else {}))
         (loss_sum * scale).backward()
         total += loss_sum.detach()
     total = _all_reduce_sum(total)

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("nanochat.train.pretrain", "base pretraining (--preset tiny|d12|d20|d26, torchrun-ready)"),
     "midtrain": ("nanochat.train.chat:midtrain_cli", "teach the chat format, tools and identity (base -> mid)"),
     "sft": ("nanochat.train.chat:sft_cli", "supervised fine-tuning on conversations (mid -> sft)"),
+    "rl": ("nanochat.train.rl:cli", "reinforcement learning on verifiable rewards (sft -> rl)"),
     "eval": ("nanochat.evaluate.cli", "bpb and CORE (base), chat evaluations and ChatCORE (mid, sft)"),
     "report": ("nanochat.report", "the run's report card: report.md with tables and plots"),
     "chat": ("nanochat.chat", "talk to a trained model in the terminal (multi-turn, or one-shot with -p)"),

@@ -353,6 +353,62 @@ SFT_PRESETS = _chat_presets(tiny_steps=150, tiny_compile=False)
 
 
 @dataclass
+class RLConfig:
+    """`nanochat rl`: reinforcement learning on verifiable rewards, continuing a run's SFT model."""
+
+    run: str = "default"
+    """The run whose SFT checkpoint is the starting point."""
+    tasks: str = "gsm8k"
+    """Comma-separated tasks with a reward (nanochat/tasks/rewards.py); prompts from their train splits."""
+    prompts_per_step: int = 16
+    """Prompts per optimizer step, over all ranks (each rank samples its share)."""
+    samples: int = 16
+    """Completions sampled per prompt: one group, whose mean reward is each completion's baseline."""
+    temperature: float = 1.0
+    top_k: int = 50
+    max_tokens: int = 256
+    """Budget of each completion; one that does not finish within it earns no reward."""
+    micro_batch: int = 32
+    """Completions per forward/backward on one device."""
+    normalise_advantages: bool = False
+    """Divide each group's advantages by its rewards' standard deviation (GRPO's choice)."""
+    max_steps: int = 100
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(warmup_frac=0.0, warmdown_frac=1.0))
+    lr_scale: float = 0.05
+    """Multiplies every learning rate of --optim: RL moves a finished model, in small steps."""
+    eval_every: int = 0
+    """Steps between held-out evaluations (0: only before the first step and at the end)."""
+    eval_items: int = 200
+    """Held-out prompts of each task evaluated for pass@1 and pass@k."""
+    eval_samples: int = 4
+    """k of pass@k: completions sampled per held-out prompt, with the training sampling settings."""
+    save_every: int = 0
+    keep_last: int = 1
+    seed: int = 42
+    runtime: Device = field(default_factory=DeviceConfig)
+    compile: bool = False
+    """torch.compile the policy-gradient step (its rows change width every step: dynamic shapes)."""
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        check_positive(self, "prompts_per_step", "samples", "max_tokens", "micro_batch", "max_steps", "keep_last",
+                       "lr_scale", "eval_items", "eval_samples")
+        check_positive(self, "eval_every", "save_every", "temperature", "top_k", allow_zero=True)
+
+
+RL_PRESETS: dict[str, RLConfig] = {
+    # Minutes on 2 CPU cores, inside the speedrun: the offline arithmetic task (exact answers, the
+    # calculator in the loop), 8 prompts × 8 completions per step.
+    "tiny": RLConfig(run="tiny", tasks="arithmetic", prompts_per_step=8, samples=8, max_tokens=64, micro_batch=64,
+                     max_steps=60, optim=OptimConfig(reference_batch_tokens=8192, warmup_frac=0.0,
+                                                     warmdown_frac=1.0), eval_items=200),
+    "d12": RLConfig(run="d12"),
+    "d20": RLConfig(run="d20"),
+    "d26": RLConfig(run="d26", micro_batch=16),
+}
+
+
+@dataclass
 class VerifyModelConfig:
     """`nanochat verify-model`: overfit one random batch to prove the model can learn."""
 

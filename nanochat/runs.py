@@ -50,6 +50,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("base", "pretrain", "", ()),
     Stage("mid", "midtrain", "mid", ("base",)),
     Stage("sft", "sft", "sft", ("mid", "base")),
+    Stage("rl", "rl", "rl", ("sft",)),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 _BY_NAME = {s.name: s for s in STAGES}

@@ -1,0 +1,287 @@
+"""`nanochat rl`: reinforcement learning on verifiable rewards, continuing a run's SFT model into
+runs/<run>/rl, through the same stage loop as the other stages (`train/loop.py`: checkpoints,
+resume, metrics, the sharded optimizer under torchrun).
+
+One step:
+  prompts     `prompts_per_step` questions from the tasks' train splits (a fixed shuffled order,
+              cycled); rank r samples for every W-th of them.
+  rollouts    `samples` completions of each question from the KV-cache engine (temperature, top-k,
+              a token budget), the calculator live exactly as in chat: its results are forced
+              into the reply. Every completion has its own random stream, seeded by (seed, step,
+              question, sample), so what it says does not depend on batching or the number of ranks.
+  rewards     the task's verifiable reward (tasks/rewards.py): 1 for the right final answer in
+              a finished reply, else 0.
+  advantages  reward − the mean reward of its question's group; with --normalise-advantages
+              also divided by the group's standard deviation (GRPO's choice).
+  update      one gradient step on −Σ advantage · log p(token) over the tokens the model
+              sampled (never the prompt, never a forced tool output), divided by the number of
+              those tokens in the whole step over every rank. It is `train_step`'s loss with the
+              advantages as per-position weights.
+
+Left out, compared with PPO and GRPO:
+  - No probability ratios and no clipping. Each batch of rollouts is used for exactly one update
+    of the policy that sampled it, so the ratio π/π_old is 1 where the gradient is taken, and
+    clipping would never engage.
+  - No value network. The group's mean reward is the baseline: unbiased, and no second model to
+    train.
+  - No KL penalty towards the SFT model. It would need a frozen second copy of the weights and
+    a forward pass through it. Short runs at small learning rates stay close to where they
+    started, and the held-out pass@k before and after would show any drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from nanochat.chat_format import render_for_completion
+from nanochat.config import RL_PRESETS, RLConfig, parse_config
+from nanochat.engine import Engine, Sampling
+from nanochat.errors import NanochatError
+from nanochat.optim import build_optimizer
+from nanochat.runs import get_stage, latest, load_stage_model
+from nanochat.runtime import Runtime, init_runtime, print0, teardown
+from nanochat.tasks import build_task, parse_spec
+from nanochat.tasks.base import Task, TaskError, rng
+from nanochat.tasks.rewards import REWARDS, Reply
+from nanochat.tokenizer import Tokenizer
+from nanochat.train.chat import scaled_optim
+from nanochat.train.loop import StagePlan, train_stage
+
+Rollout = tuple[list[int], list[bool]]  # a completion's tokens, and whether the model chose each
+
+
+def group_advantages(rewards: torch.Tensor, normalise: bool = False, eps: float = 1e-6) -> torch.Tensor:
+    """(questions, samples) rewards -> advantages: each reward minus its row's mean, divided by the
+    row's standard deviation with `normalise` (a row of equal rewards gets advantage 0 either way)."""
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    if not normalise:
+        return centred
+    return centred / (rewards.std(dim=1, keepdim=True, unbiased=False) + eps)
+
+
+def rollout_rows(prompts: list[list[int]], rollouts: list[Rollout], advantages: list[float], device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, y, weights) for a batch of completions: each row is prompt + completion, right-padded;
+    y is the next token where the model chose it and -1 elsewhere (the prompt, forced tool
+    outputs, padding); weights hold each row's advantage."""
+    width = max(len(p) + len(t) for p, (t, _) in zip(prompts, rollouts, strict=True))
+    ids = np.zeros((len(prompts), width), dtype=np.int64)
+    learn = np.zeros((len(prompts), width), dtype=bool)
+    for b, (prompt, (tokens, chosen)) in enumerate(zip(prompts, rollouts, strict=True)):
+        ids[b, :len(prompt) + len(tokens)] = prompt + tokens
+        learn[b, len(prompt):len(prompt) + len(tokens)] = chosen
+    x = torch.from_numpy(ids[:, :-1])
+    y = torch.from_numpy(np.where(learn[:, 1:], ids[:, 1:], -1))
+    weights = torch.tensor(advantages, dtype=torch.float32)[:, None].expand_as(x).contiguous()
+    return x.to(device), y.to(device), weights.to(device)
+
+
+def sample_seed(seed: int, step: int, question: int, sample: int) -> int:
+    """The random stream of one completion: a function of where it is in the run alone."""
+    digest = hashlib.sha256(f"rl/{seed}/{step}/{question}/{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class Questions:
+    """The prompts of an RL run: the tasks' conversations in a fixed shuffled order, cycled, each
+    with the reward of its task."""
+
+    def __init__(self, spec: str, split: str, seed: int):
+        entries = parse_spec(spec)
+        missing = [name for name, _ in entries if name not in REWARDS]
+        if missing:
+            raise TaskError(f"task(s) {', '.join(missing)} have no verifiable reward; RL tasks: {', '.join(REWARDS)}")
+        self.tasks: list[tuple[str, Task]] = [(name, build_task(name, split, seed)) for name, _ in entries]
+        self.order = [(t, i) for t, (_, task) in enumerate(self.tasks) for i in range(len(task))]
+        rng("rl-questions", spec, split, seed).shuffle(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> tuple[str, dict]:
+        t, j = self.order[i % len(self.order)]
+        name, task = self.tasks[t]
+        return name, task[j]
+
+
+def score(tok: Tokenizer, task: str, conversation: dict, tokens: list[int]) -> float:
+    return REWARDS[task](Reply.of(tok, tokens), conversation)
+
+
+class RolloutBatches:
+    """The RL stage's batches (the loop's `Batches`): each step's completions on this rank, as
+    (x, y, weights) micro-batches. A step's rollouts are sampled when its first micro-batch is
+    asked for, with the model as it is then (on-policy). State: the next step."""
+
+    def __init__(self, engine: Engine, questions: Questions, cfg: RLConfig, rt: Runtime):
+        self.engine, self.questions, self.cfg, self.rt = engine, questions, cfg, rt
+        if cfg.prompts_per_step % rt.world_size:
+            raise NanochatError(f"--prompts-per-step {cfg.prompts_per_step} is not a multiple of the {rt.world_size} "
+                                "ranks")
+        rows = cfg.prompts_per_step // rt.world_size * cfg.samples
+        if rows % cfg.micro_batch:
+            raise NanochatError(f"each rank's {rows} completions per step (--prompts-per-step / ranks × --samples) "
+                                f"are not a multiple of --micro-batch {cfg.micro_batch}")
+        self.accum = rows // cfg.micro_batch
+        self.step = 0
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.last_rewards: dict[str, float] = {}
+
+    def sample(self, step: int) -> tuple[list[list[int]], list[Rollout], list[str], list[dict], list[int]]:
+        """This rank's questions of `step` and `samples` completions of each: (prompts, rollouts,
+        tasks, conversations, question numbers), one entry per completion."""
+        cfg, rt, tok = self.cfg, self.rt, self.engine.tok
+        first = step * cfg.prompts_per_step
+        mine = range(first + rt.rank, first + cfg.prompts_per_step, rt.world_size)
+        prompts, names, convs, numbers, settings = [], [], [], [], []
+        for q in mine:
+            name, conv = self.questions[q]
+            prompt = render_for_completion(tok, conv["messages"][:-1])
+            for s in range(cfg.samples):
+                prompts.append(prompt)
+                names.append(name)
+                convs.append(conv)
+                numbers.append(q)
+                settings.append(Sampling(max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                                         top_k=cfg.top_k or None, seed=sample_seed(cfg.seed, step, q, s)))
+        rollouts = []
+        for i in range(0, len(prompts), cfg.micro_batch):
+            rollouts += self.engine.rollout(prompts[i:i + cfg.micro_batch], settings[i:i + cfg.micro_batch])
+        return prompts, rollouts, names, convs, numbers
+
+    def _refill(self) -> None:
+        cfg, tok = self.cfg, self.engine.tok
+        prompts, rollouts, names, convs, _ = self.sample(self.step)
+        rewards = torch.tensor([score(tok, n, c, t) for n, c, (t, _) in zip(names, convs, rollouts, strict=True)])
+        advantages = group_advantages(rewards.view(-1, cfg.samples), cfg.normalise_advantages).view(-1).tolist()
+        self.last_rewards = self._mean_rewards(rewards, names)
+        self.pending = [rollout_rows(prompts[i:i + cfg.micro_batch], rollouts[i:i + cfg.micro_batch],
+                                     advantages[i:i + cfg.micro_batch], self.rt.device)
+                        for i in range(0, len(prompts), cfg.micro_batch)]
+        self.step += 1
+
+    def _mean_rewards(self, rewards: torch.Tensor, names: list[str]) -> dict[str, float]:
+        """The step's mean reward over every rank's completions, overall and (several tasks) per task."""
+        keys = [name for name, _ in self.questions.tasks]
+        sums = [rewards.sum().item(), len(names)]
+        for key in keys:
+            mine = [r for r, n in zip(rewards.tolist(), names, strict=True) if n == key]
+            sums += [sum(mine), len(mine)]
+        totals = torch.tensor(sums, dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        means = (totals[0::2] / totals[1::2].clamp(min=1)).tolist()
+        return {"reward": means[0], **({f"reward_{k}": m for k, m in zip(keys, means[1:], strict=True)}
+                                       if len(keys) > 1 else {})}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self.pending:
+            self._refill()
+        return self.pending.pop(0)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.pending = state["step"], []
+
+    def close(self) -> None:
+        """Nothing to release; here so the stage loop treats every batch source alike."""
+
+
+class RLEval:
+    """pass@1 and pass@k on the tasks' held-out questions, with the training sampling settings."""
+
+    def __init__(self, engine: Engine, cfg: RLConfig, rt: Runtime):
+        self.engine, self.cfg, self.rt = engine, cfg, rt
+        self.questions = [Questions(name, "val", cfg.seed) for name, _ in parse_spec(cfg.tasks)]
+
+    def evaluate(self, step: int) -> dict:
+        cfg, rt, tok = self.cfg, self.rt, self.engine.tok
+        out: dict = {}
+        for questions in self.questions:
+            name = questions.tasks[0][0]
+            n = min(cfg.eval_items, len(questions))
+            mine = list(range(rt.rank, n, rt.world_size))
+            prompts, settings, convs = [], [], []
+            for q in mine:
+                conv = questions[q][1]
+                prompt = render_for_completion(tok, conv["messages"][:-1])
+                for s in range(cfg.eval_samples):
+                    prompts.append(prompt)
+                    convs.append(conv)
+                    settings.append(Sampling(max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                                             top_k=cfg.top_k or None, seed=sample_seed(cfg.seed, -1, q, s)))
+            rewards = []
+            for i in range(0, len(prompts), cfg.micro_batch):
+                batch = self.engine.complete(prompts[i:i + cfg.micro_batch], settings[i:i + cfg.micro_batch])
+                rewards += [score(tok, name, c, t) for c, t in zip(convs[i:i + cfg.micro_batch], batch, strict=True)]
+            per_question = torch.tensor(rewards, dtype=torch.float64).view(len(mine), cfg.eval_samples)
+            sums = torch.tensor([per_question.sum().item(), per_question.max(dim=1).values.sum().item(), len(mine)],
+                                dtype=torch.float64)
+            if dist.is_initialized():
+                dist.all_reduce(sums)
+            total = max(sums[2].item(), 1)
+            out[f"{name}_pass@1"] = sums[0].item() / (total * cfg.eval_samples)
+            out[f"{name}_pass@{cfg.eval_samples}"] = sums[1].item() / total
+        return out
+
+
+def train_rl(cfg: RLConfig, rt: Runtime) -> dict:
+    """Run the RL stage of run `cfg.run` from its SFT checkpoint; returns a summary."""
+    start_from = next((s for s in get_stage("rl").starts_from if latest(cfg.run, s)), None)
+    if start_from is None:
+        raise NanochatError(f"run '{cfg.run}' has no SFT checkpoint to start RL from; run `nanochat sft --run "
+                            f"{cfg.run}` (or the speedrun) first")
+    model, tok, sft_meta = load_stage_model(cfg.run, start_from, rt)
+    if cfg.max_tokens + 1 > model.max_positions:
+        raise NanochatError(f"--max-tokens {cfg.max_tokens} leaves no room for a prompt in the model's "
+                            f"{model.max_positions} positions")
+    engine = Engine(model, tok, rt)
+    batches = RolloutBatches(engine, Questions(cfg.tasks, "train", cfg.seed), cfg, rt)
+    optim = scaled_optim(cfg.optim, cfg.lr_scale)
+    optimizer = build_optimizer(model, optim, cfg.prompts_per_step * cfg.samples * cfg.max_tokens)
+    evaluation = RLEval(engine, cfg, rt)
+    before = evaluation.evaluate(0) if not cfg.resume else {}
+    if before:
+        print0("before RL: " + ", ".join(f"{k} {v:.3f}" for k, v in before.items()))
+    config = {**dataclasses.asdict(cfg), "model": sft_meta["config"]["model"]}
+    plan = StagePlan(
+        stage="rl", run=cfg.run, model=model, optimizer=optimizer, optim=optim, batches=batches,
+        accum=batches.accum, total_steps=cfg.max_steps, config=config,
+        resume_keys={"tasks": cfg.tasks, "run": cfg.run, "samples": cfg.samples,
+                     "prompts_per_step": cfg.prompts_per_step},
+        meta={"tokenizer": sft_meta["tokenizer"], "start_from": start_from, **{f"before_{k}": v for k, v in
+                                                                               before.items()}},
+        resume=cfg.resume, compile=cfg.compile, varying_width=True, eval_every=cfg.eval_every,
+        save_every=cfg.save_every, keep_last=cfg.keep_last, evaluate=evaluation.evaluate,
+        step_metrics=lambda: batches.last_rewards)
+    print0(f"rl {cfg.run} from {start_from}: {cfg.max_steps} steps of {cfg.prompts_per_step} questions × "
+           f"{cfg.samples} completions ({cfg.tasks}), {batches.accum} micro-batch(es) of {cfg.micro_batch} per rank")
+    result = train_stage(plan, rt)
+    summary = {"stage": "rl", "run": cfg.run, "start_from": start_from, "steps": result.steps,
+               "seconds": result.seconds, **{f"before_{k}": v for k, v in before.items()}, **result.evaluation}
+    after = ", ".join(f"{k} {v:.3f}" + (f" (before {before[k]:.3f})" if k in before else "")
+                      for k, v in result.evaluation.items() if isinstance(v, float) and not math.isnan(v))
+    print0(f"rl: {after}")
+    return summary
+
+
+def cli(argv: list[str]) -> int:
+    cfg = parse_config(RLConfig, argv, presets=RL_PRESETS, prog="nanochat rl", description=__doc__.split("\n\n")[0])
+    rt = init_runtime(cfg.runtime.device, cfg.runtime.dtype, seed=cfg.seed)
+    try:
+        train_rl(cfg, rt)
+    finally:
+        teardown()
+    return 0
+

@@ -20,4 +20,14 @@ uv run nanochat tokenizer eval --name default --inputs fineweb
 #    Add --resume to continue an interrupted run from its latest checkpoint.
 uv run torchrun --standalone --nproc_per_node="$NPROC" -m nanochat.cli -- pretrain --preset d20 --run "$RUN"
 
-# Midtraining, SFT, evaluation, the report card and chat arrive with their issues.
+# 4. Midtraining, SFT and RL (GSM8K, downloaded once), each continuing the stage before it.
+uv run torchrun --standalone --nproc_per_node="$NPROC" -m nanochat.cli -- midtrain --preset d20 --run "$RUN"
+uv run torchrun --standalone --nproc_per_node="$NPROC" -m nanochat.cli -- sft --preset d20 --run "$RUN"
+uv run torchrun --standalone --nproc_per_node="$NPROC" -m nanochat.cli -- rl --preset d20 --run "$RUN"
+
+# 5. Evaluation of every stage, then the report card (runs/$RUN/report.md).
+uv run nanochat data core-bundle
+uv run torchrun --standalone --nproc_per_node="$NPROC" -m nanochat.cli -- eval --run "$RUN"
+uv run nanochat report --run "$RUN"
+
+# Talk to it: `uv run nanochat chat --run $RUN`, or `uv run nanochat serve --run $RUN`.

@@ -88,6 +88,8 @@ def build_report(run: str, gpu_hour_usd: float = 2.5) -> Path:
         config = meta.get("config", {})
         positions = sum(r.get("tokens", 0) for r in steps)  # the chat stages log what each step processed
         volume = (f"{config['total_batch_tokens'] * len(steps):,} tokens" if name == "base" and config
+                  else f"{config['prompts_per_step'] * config['samples'] * len(steps):,} completions"
+                  if name == "rl" and config
                   else f"{config.get('batch_size', 0) * len(steps):,} sequences" if config else "—")
         if positions and name != "base":
             volume += f" ({positions:,} tokens)"
@@ -115,19 +117,29 @@ def build_report(run: str, gpu_hour_usd: float = 2.5) -> Path:
         _plot(folder / "val_bpb.png", "validation bits per byte", [("val bpb", [r["step"] for r in bpb],
                                                                     [r["val_bpb"] for r in bpb])], "bits per byte")
         lines.append("![validation bpb](val_bpb.png)")
-    chat_series = [(name, [r["step"] for r in rs], [r["loss"] for r in rs]) for name in STAGE_NAMES[1:]
+    chat_series = [(name, [r["step"] for r in rs], [r["loss"] for r in rs]) for name in ("mid", "sft")
                    if (rs := [r for r in by_stage[name] if "loss" in r])]
     if chat_series:
         _plot(folder / "chat_loss.png", "chat stages: loss on assistant tokens", chat_series, "loss (nats/token)")
         lines.append("![chat loss](chat_loss.png)")
+    rl_steps = [r for r in by_stage["rl"] if "reward" in r]
+    if rl_steps:
+        _plot(folder / "rl_reward.png", "RL: mean reward of each step's completions",
+              [("reward", [r["step"] for r in rl_steps], [r["reward"] for r in rl_steps])], "reward")
+        lines.append("![RL reward](rl_reward.png)")
 
-    lines += ["", "## Evaluation", "", "| metric | BASE | MID | SFT |", "|---|---:|---:|---:|"]
+    lines += ["", "## Evaluation", "", "| metric | " + " | ".join(n.upper() for n in STAGE_NAMES) + " |",
+              "|---|" + "---:|" * len(STAGE_NAMES)]
     results = {name: _final(by_stage[name]) for name in STAGE_NAMES}
     evals = {name: _eval_file(folder / "eval" / f"{name}.json") for name in STAGE_NAMES}
     rows = [("validation bpb, last of pretraining", lambda lab: results[lab].get("val_bpb") if lab == "base" else None),
             ("held-out answers, bits per byte", lambda lab: results["mid"].get("answer_bpb_base") if lab == "base"
              else results[lab].get("answer_bpb")),
             ("closes its turn (held-out prompts)", lambda lab: results[lab].get("assistant_end_rate"))]
+    # RL's held-out pass@k, sampled: the SFT column is the RL stage's own measurement before its first step
+    for key in sorted(k for k in results["rl"] if "_pass@" in k and not k.startswith("before_")):
+        rows.append((f"{key} (sampled, held-out)", lambda lab, key=key: results["rl"].get(f"before_{key}")
+                     if lab == "sft" else results["rl"].get(key) if lab == "rl" else None))
     for key in sorted({k for e in evals.values() for k in e}, key=lambda k: (k not in EVAL_TITLES, k)):
         rows.append((EVAL_TITLES.get(key, key), lambda lab, key=key: evals[lab].get(key)))
     for title, get in rows:

@@ -5,12 +5,12 @@ its model back.
         checkpoints/step_NNNNNN/        base   (nanochat pretrain)
         mid/checkpoints/step_NNNNNN/    mid    (nanochat midtrain, from base)
         sft/checkpoints/step_NNNNNN/    sft    (nanochat sft, from mid, else base)
+        rl/checkpoints/step_NNNNNN/     rl     (nanochat rl, from sft)
         metrics.jsonl  eval/<stage>.json  tokenizer.json  speedrun.json  report.md
 
-Each stage has one name ("base", "mid", "sft"), used alike in metrics.jsonl, meta.json, the eval
-files, `--stage` and the report; `STAGES` lists them in pipeline order (a new stage, e.g. RL, is
-one more entry). Records written before the stages had one name call base "pretrain"; `stage_name`
-reads them.
+Each stage has one name ("base", "mid", "sft", "rl"), used alike in metrics.jsonl, meta.json, the
+eval files, `--stage` and the report; `STAGES` lists them in pipeline order. Records written
+before the stages had one name call base "pretrain"; `stage_name` reads them.
 
 Why not inside checkpoint.py: a checkpoint is a format (atomic, verified save and load of any
 module's weights and state), with no idea of runs, tokenizers or the GPT; this module is the

@@ -140,7 +140,7 @@ def test_missing_run_is_a_clear_error_without_traceback(tmp_path, monkeypatch, c
     assert main(["chat", "--run", "nope", "--device", "cpu", "-p", "hi"]) == 1
     out, err = capsys.readouterr()
     assert out == ""
-    assert "run 'nope' has no sft / mid / base model" in err
+    assert "run 'nope' has no rl / sft / mid / base model" in err
     assert "Traceback" not in err
 
 

@@ -123,6 +123,7 @@ def test_rl_stage_learns_logs_rewards_and_resumes_to_the_same_weights(home, monk
     records = [r for r in read_metrics(home / "runs" / "r" / "metrics.jsonl") if r.get("stage") == "rl"]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     assert all(0 <= r["reward"] <= 1 for r in records if "loss" in r)
+    assert records[0]["step"] == 0 and "before_arithmetic_pass@1" in records[0]  # measured before step 1
     straight = load_file(latest("r", "rl") / "model.safetensors")
     meta = read_meta(latest("r", "rl"))
     assert meta["stage"] == "rl" and meta["final"] and meta["start_from"] == "sft"

@@ -5,7 +5,15 @@ import json
 import pytest
 
 from nanochat import speedrun
-from nanochat.config import MIDTRAIN_PRESETS, PRESETS, SFT_PRESETS, TOKENIZER_PRESETS, TokenizerTrainConfig, run_dir
+from nanochat.config import (
+    MIDTRAIN_PRESETS,
+    PRESETS,
+    RL_PRESETS,
+    SFT_PRESETS,
+    TOKENIZER_PRESETS,
+    TokenizerTrainConfig,
+    run_dir,
+)
 
 
 @pytest.mark.slow
@@ -17,6 +25,8 @@ def test_tiny_speedrun_runs_every_built_stage_then_skips_them(tmp_path, monkeypa
     monkeypatch.setitem(TOKENIZER_PRESETS, "tiny", TokenizerTrainConfig(name="tiny", vocab_size=1024))
     for presets in (MIDTRAIN_PRESETS, SFT_PRESETS):
         monkeypatch.setitem(presets, "tiny", dataclasses.replace(presets["tiny"], max_steps=3))
+    monkeypatch.setitem(RL_PRESETS, "tiny", dataclasses.replace(RL_PRESETS["tiny"], max_steps=2, prompts_per_step=2,
+                                                                samples=4, micro_batch=8, eval_items=4))
 
     assert speedrun.cli(["--preset", "tiny"]) == 0
     out = capsys.readouterr().out
@@ -25,17 +35,21 @@ def test_tiny_speedrun_runs_every_built_stage_then_skips_them(tmp_path, monkeypa
     assert "nanochat chat --run tiny" in out and "nanochat serve --run tiny" in out
     summary = json.loads((run_dir("tiny") / "speedrun.json").read_text())
     status = {s["stage"]: s["status"] for s in summary["stages"]}
-    assert all(status[s] == "done" for s in ("tokenizer train", "pretrain", "midtrain", "sft", "eval", "report"))
+    assert all(status[s] == "done" for s in ("tokenizer train", "pretrain", "midtrain", "sft", "rl", "eval",
+                                             "report"))
     assert "validation bits per byte" in out
     assert "closes its turn on" in out  # the chat stages' held-out checks ran
     report = (run_dir("tiny") / "report.md").read_text()
     assert "| base | 6 |" in report and "bpb " in report  # measured numbers, from this run
     stage_table = report.split("## Stages")[1].split("##")[0]
     stage_rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in stage_table.splitlines()
-                  if line.startswith(("| base |", "| mid |", "| sft |"))}
-    for stage in ("base", "mid", "sft"):  # steps, parameters, data, wall-clock, tok/s: all measured
+                  if line.startswith(("| base |", "| mid |", "| sft |", "| rl |"))}
+    for stage in ("base", "mid", "sft", "rl"):  # steps, parameters, data, wall-clock, tok/s: all measured
         assert all(cell.strip() != "—" for cell in stage_rows[stage][1:6]), stage_rows[stage]
     assert " tokens)" in stage_rows["sft"][3]  # sequences, and the token positions they filled
+    assert "16 completions" in stage_rows["rl"][3]  # 2 steps × 2 questions × 4 samples
+    # RL's held-out pass@1 and pass@4: the SFT column measured before RL's first step, the RL column after
+    assert "| arithmetic_pass@1 (sampled, held-out) | — | — | " in report
     assert "MFU is shown where the device's peak FLOP/s is known" in report  # a CPU run has no MFU
     assert "| ChatCORE (centered) | — |" in report  # the chat evaluations of mid and sft, next to base's dash
     assert "| validation bpb (`nanochat eval`) | " in report
@@ -47,7 +61,7 @@ def test_tiny_speedrun_runs_every_built_stage_then_skips_them(tmp_path, monkeypa
     tok_stats = json.loads((run_dir("tiny") / "tokenizer.json").read_text())["tokenizers"]
     assert "## Tokenizer" in report and f"| tiny | 1,024 | {tok_stats[0]['tokens']:,} |" in report
     assert f"| cl100k_base | {tok_stats[1]['vocab_size']:,} | {tok_stats[1]['tokens']:,} |" in report
-    for plot in ("pretrain_loss.png", "val_bpb.png", "chat_loss.png"):
+    for plot in ("pretrain_loss.png", "val_bpb.png", "chat_loss.png", "rl_reward.png"):
         assert f"]({plot})" in report
         assert (run_dir("tiny") / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -55,7 +69,7 @@ def test_tiny_speedrun_runs_every_built_stage_then_skips_them(tmp_path, monkeypa
     assert speedrun.cli(["--preset", "tiny"]) == 0  # a re-run skips what is finished, keeping its time
     out = capsys.readouterr().out
     stages = json.loads((run_dir("tiny") / "speedrun.json").read_text())["stages"]
-    finished = ("tokenizer train", "pretrain", "midtrain", "sft")
+    finished = ("tokenizer train", "pretrain", "midtrain", "sft", "rl")
     assert {s["stage"]: (s["status"], s["seconds"]) for s in stages if s["stage"] in finished} == \
         {name: ("done earlier", first[name]) for name in finished}
     assert first["pretrain"] > 0

@@ -182,6 +182,8 @@ class StagePlan:
     """step -> metrics: once, after the final checkpoint is written (the chat stages' probes)."""
     step_metrics: Callable[[], dict] = dict
     """Extra figures logged with every step (the pretraining loader's cropped fraction)."""
+    opening: dict = field(default_factory=dict)
+    """Figures measured before the first step (RL's held-out pass@k), logged at step 0 of a new stage."""
 
 
 @dataclass
@@ -263,6 +265,8 @@ def train_stage(plan: StagePlan, rt: Runtime) -> StageResult:
     logger = MetricsLogger(run_dir(plan.run) / "metrics.jsonl", config=plan.config, run_name=plan.run)
     bar = progress(total=plan.total_steps, initial=step, desc=get_stage(plan.stage).command, unit="step")
     started, first_step = time.time(), step
+    if plan.opening and step == 0:
+        logger.log(0, stage=plan.stage, **plan.opening)
     try:
         with attention_backends(plan.model, rt):
             while step < plan.total_steps:

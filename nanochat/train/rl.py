@@ -264,7 +264,7 @@ def train_rl(cfg: RLConfig, rt: Runtime) -> dict:
                                                                                before.items()}},
         resume=cfg.resume, compile=cfg.compile, varying_width=True, eval_every=cfg.eval_every,
         save_every=cfg.save_every, keep_last=cfg.keep_last, evaluate=evaluation.evaluate,
-        step_metrics=lambda: batches.last_rewards)
+        step_metrics=lambda: batches.last_rewards, opening={f"before_{k}": v for k, v in before.items()})
     print0(f"rl {cfg.run} from {start_from}: {cfg.max_steps} steps of {cfg.prompts_per_step} questions × "
            f"{cfg.samples} completions ({cfg.tasks}), {batches.accum} micro-batch(es) of {cfg.micro_batch} per rank")
     result = train_stage(plan, rt)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -114,6 +115,29 @@ def score(tok: Tokenizer, task: str, conversation: dict, tokens: list[int]) -> f
     return REWARDS[task](Reply.of(tok, tokens), conversation)
 
 
+def sample_completions(engine: Engine, questions: Questions, numbers: Sequence[int], cfg: RLConfig, samples: int,
+                       step: int) -> tuple[list[list[int]], list[Rollout], list[str], list[dict]]:
+    """`samples` completions of each question in `numbers`, with the run's sampling settings and a
+    random stream per completion seeded by (seed, step, question, sample); the evaluation's `step` is
+    -1. Returns (prompts, rollouts, tasks, conversations), one entry per completion, in micro-batches
+    of the engine."""
+    tok = engine.tok
+    prompts, names, convs, settings = [], [], [], []
+    for q in numbers:
+        name, conv = questions[q]
+        prompt = render_for_completion(tok, conv["messages"][:-1])
+        for s in range(samples):
+            prompts.append(prompt)
+            names.append(name)
+            convs.append(conv)
+            settings.append(Sampling(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
+                                     seed=sample_seed(cfg.seed, step, q, s)))
+    rollouts: list[Rollout] = []
+    for i in range(0, len(prompts), cfg.micro_batch):
+        rollouts += engine.rollout(prompts[i:i + cfg.micro_batch], settings[i:i + cfg.micro_batch])
+    return prompts, rollouts, names, convs
+
+
 class RolloutBatches:
     """The RL stage's batches (the loop's `Batches`): each step's completions on this rank, as
     (x, y, weights) micro-batches. A step's rollouts are sampled when its first micro-batch is
@@ -133,31 +157,16 @@ class RolloutBatches:
         self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.last_rewards: dict[str, float] = {}
 
-    def sample(self, step: int) -> tuple[list[list[int]], list[Rollout], list[str], list[dict], list[int]]:
-        """This rank's questions of `step` and `samples` completions of each: (prompts, rollouts,
-        tasks, conversations, question numbers), one entry per completion."""
-        cfg, rt, tok = self.cfg, self.rt, self.engine.tok
+    def sample(self, step: int) -> tuple[list[list[int]], list[Rollout], list[str], list[dict]]:
+        """This rank's questions of `step` and `samples` completions of each (see `sample_completions`)."""
+        cfg, rt = self.cfg, self.rt
         first = step * cfg.prompts_per_step
         mine = range(first + rt.rank, first + cfg.prompts_per_step, rt.world_size)
-        prompts, names, convs, numbers, settings = [], [], [], [], []
-        for q in mine:
-            name, conv = self.questions[q]
-            prompt = render_for_completion(tok, conv["messages"][:-1])
-            for s in range(cfg.samples):
-                prompts.append(prompt)
-                names.append(name)
-                convs.append(conv)
-                numbers.append(q)
-                settings.append(Sampling(max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-                                         top_k=cfg.top_k or None, seed=sample_seed(cfg.seed, step, q, s)))
-        rollouts = []
-        for i in range(0, len(prompts), cfg.micro_batch):
-            rollouts += self.engine.rollout(prompts[i:i + cfg.micro_batch], settings[i:i + cfg.micro_batch])
-        return prompts, rollouts, names, convs, numbers
+        return sample_completions(self.engine, self.questions, mine, cfg, cfg.samples, step)
 
     def _refill(self) -> None:
         cfg, tok = self.cfg, self.engine.tok
-        prompts, rollouts, names, convs, _ = self.sample(self.step)
+        prompts, rollouts, names, convs = self.sample(self.step)
         rewards = torch.tensor([score(tok, n, c, t) for n, c, (t, _) in zip(names, convs, rollouts, strict=True)])
         advantages = group_advantages(rewards.view(-1, cfg.samples), cfg.normalise_advantages).view(-1).tolist()
         self.last_rewards = self._mean_rewards(rewards, names)
@@ -212,19 +221,8 @@ class RLEval:
             name = questions.tasks[0][0]
             n = min(cfg.eval_items, len(questions))
             mine = list(range(rt.rank, n, rt.world_size))
-            prompts, settings, convs = [], [], []
-            for q in mine:
-                conv = questions[q][1]
-                prompt = render_for_completion(tok, conv["messages"][:-1])
-                for s in range(cfg.eval_samples):
-                    prompts.append(prompt)
-                    convs.append(conv)
-                    settings.append(Sampling(max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-                                             top_k=cfg.top_k or None, seed=sample_seed(cfg.seed, -1, q, s)))
-            rewards = []
-            for i in range(0, len(prompts), cfg.micro_batch):
-                batch = self.engine.complete(prompts[i:i + cfg.micro_batch], settings[i:i + cfg.micro_batch])
-                rewards += [score(tok, name, c, t) for c, t in zip(convs[i:i + cfg.micro_batch], batch, strict=True)]
+            _, rollouts, names, convs = sample_completions(self.engine, questions, mine, cfg, cfg.eval_samples, step=-1)
+            rewards = [score(tok, task, c, t) for task, c, (t, _) in zip(names, convs, rollouts, strict=True)]
             per_question = torch.tensor(rewards, dtype=torch.float64).view(len(mine), cfg.eval_samples)
             sums = torch.tensor([per_question.sum().item(), per_question.max(dim=1).values.sum().item(), len(mine)],
                                 dtype=torch.float64)

@@ -136,12 +136,15 @@ def build_report(run: str, gpu_hour_usd: float = 2.5) -> Path:
             ("held-out answers, bits per byte", lambda lab: results["mid"].get("answer_bpb_base") if lab == "base"
              else results[lab].get("answer_bpb")),
             ("closes its turn (held-out prompts)", lambda lab: results[lab].get("assistant_end_rate"))]
-    # RL's held-out pass@k, sampled: the SFT column is the RL stage's own measurement before its first step
-    for key in sorted(k for k in results["rl"] if "_pass@" in k and not k.startswith("before_")):
+    evaluated = {k for e in evals.values() for k in e}
+    # RL's held-out pass@k, sampled: `nanochat eval`'s when it measured them, else the RL stage's own
+    # (its SFT column measured before the first step)
+    for key in sorted(k for k in results["rl"] if "_pass@" in k and not k.startswith("before_") and k not in evaluated):
         rows.append((f"{key} (sampled, held-out)", lambda lab, key=key: results["rl"].get(f"before_{key}")
                      if lab == "sft" else results["rl"].get(key) if lab == "rl" else None))
-    for key in sorted({k for e in evals.values() for k in e}, key=lambda k: (k not in EVAL_TITLES, k)):
-        rows.append((EVAL_TITLES.get(key, key), lambda lab, key=key: evals[lab].get(key)))
+    for key in sorted(evaluated, key=lambda k: (k not in EVAL_TITLES, k)):
+        title = EVAL_TITLES.get(key, f"{key} (sampled, held-out)" if "_pass@" in key else key)
+        rows.append((title, lambda lab, key=key: evals[lab].get(key)))
     for title, get in rows:
         lines.append(f"| {title} | " + " | ".join(_fmt(get(lab), ".4f") for lab in STAGE_NAMES) + " |")
 

@@ -21,7 +21,7 @@ from nanochat.checkpoint import read_meta
 from nanochat.config import PRESETS, SpeedrunConfig, home, parse_config, run_dir, tokenizer_dir
 from nanochat.data.offline import build_offline_corpus
 from nanochat.data.sources import resolve_source
-from nanochat.runs import STAGES, is_finished, latest
+from nanochat.runs import STAGES, is_finished, latest, most_finished
 from nanochat.runtime import torchrun_env
 
 
@@ -120,9 +120,9 @@ def cli(argv: list[str]) -> int:
     if last is not None:
         bpb = read_meta(last, verify=False).get("val_bpb")
         print(f"\nbase model: {last} (validation bits per byte {bpb:.4f})" if bpb else f"\nbase model: {last}")
-    sft = latest(run, "sft")
-    if sft is not None:
-        print(f"chat model: {sft}\ntalk to it: `nanochat chat --run {run}` in the terminal, or "
+    chat = most_finished(run, ("sft", "rl"))  # what `nanochat chat` loads: RL's model once it exists
+    if chat is not None:
+        print(f"chat model: {chat[1]}\ntalk to it: `nanochat chat --run {run}` in the terminal, or "
               f"`nanochat serve --run {run}` for the web UI and the OpenAI-compatible API")
     return 0
 

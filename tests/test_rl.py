@@ -6,13 +6,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import torch
+from _hub_stub import stub_hub
 from _tiny_model import VOCAB, tiny_gpt
 
 from nanochat.checkpoint import read_meta
-from nanochat.config import DeviceConfig, OptimConfig, RLConfig
+from nanochat.config import DeviceConfig, EvalConfig, OptimConfig, RLConfig
 from nanochat.errors import NanochatError
+from nanochat.evaluate.cli import evaluate_stage
+from nanochat.evaluate.passk import sample_seed
 from nanochat.metrics import read_metrics
 from nanochat.optim import build_optimizer
 from nanochat.runs import latest
@@ -20,7 +24,7 @@ from nanochat.runtime import init_runtime
 from nanochat.tasks import rewards
 from nanochat.train import loop
 from nanochat.train.loop import train_step
-from nanochat.train.rl import group_advantages, rollout_rows, sample_seed, train_rl
+from nanochat.train.rl import group_advantages, rollout_rows, train_rl
 from tests._chat_model import make_chat_model
 
 RT = init_runtime(device="cpu", dtype="float32")
@@ -127,6 +131,14 @@ def test_rl_stage_learns_logs_rewards_and_resumes_to_the_same_weights(home, monk
     straight = load_file(latest("r", "rl") / "model.safetensors")
     meta = read_meta(latest("r", "rl"))
     assert meta["stage"] == "rl" and meta["final"] and meta["start_from"] == "sft"
+    # `nanochat eval` measures the saved SFT and RL models with RL's saved settings: what RL measured
+    evaluated = {stage: evaluate_stage(stage, EvalConfig(run="r", chat_tasks=("arithmetic",), max_items=2), RT)[0]
+                 for stage in ("sft", "rl")}
+    for key in ("arithmetic_pass@1", "arithmetic_pass@2"):
+        assert (evaluated["sft"][key], evaluated["rl"][key]) == (meta[f"before_{key}"], meta[key])
+    assert 0 < meta["arithmetic_pass@2"] < 1  # a figure the sampling decides, not a constant
+    no_passk = evaluate_stage("rl", EvalConfig(run="r", chat_tasks=("arithmetic",), max_items=2, pass_at_k=False), RT)
+    assert "arithmetic_pass@1" not in no_passk[0]
 
     # the same run, interrupted after step 2 and resumed, ends with the same weights
     monkeypatch.setenv("NANOCHAT_HOME", str(tmp_path / "again"))
@@ -151,3 +163,16 @@ def test_rl_stage_learns_logs_rewards_and_resumes_to_the_same_weights(home, monk
         latest("r", "sft") / "model.safetensors")[k]) for k in straight)  # RL moved the weights
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k
+
+
+def test_rl_runs_on_gsm8k_the_gpu_presets_task(home, monkeypatch):
+    # the GPU presets' task, from a stand-in for the hub: its reward and held-out split are wired up
+    rows = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+             "answer": f"He has {a}+{b}=<<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"}
+            for a, b in ((3, 4), (5, 6), (2, 9), (7, 1))]
+    schema = pa.schema([("question", pa.string()), ("answer", pa.string())])
+    calls = stub_hub(monkeypatch, home, {("openai/gsm8k", f"main/{split}-00000-of-00001.parquet"): (schema, rows)
+                                         for split in ("train", "test")})
+    summary = train_rl(rl_config(tasks="gsm8k", max_steps=1, save_every=0), RT)
+    assert summary["steps"] == 1 and {"gsm8k_pass@1", "gsm8k_pass@2", "before_gsm8k_pass@1"} <= summary.keys()
+    assert {filename.split("/")[1].split("-")[0] for _, filename in calls} == {"train", "test"}

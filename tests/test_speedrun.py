@@ -5,6 +5,7 @@ import json
 import pytest
 
 from nanochat import speedrun
+from nanochat.checkpoint import read_meta
 from nanochat.config import (
     MIDTRAIN_PRESETS,
     PRESETS,
@@ -14,6 +15,7 @@ from nanochat.config import (
     TokenizerTrainConfig,
     run_dir,
 )
+from nanochat.runs import latest
 
 
 @pytest.mark.slow
@@ -33,6 +35,7 @@ def test_tiny_speedrun_runs_every_built_stage_then_skips_them(tmp_path, monkeypa
     assert "| tiny | 1,024 |" in out  # the tokenizer eval table, against cl100k/o200k
     assert "cl100k_base" in out and "o200k_base" in out
     assert "nanochat chat --run tiny" in out and "nanochat serve --run tiny" in out
+    assert "chat model: " + str(tmp_path / "runs" / "tiny" / "rl" / "checkpoints") in out  # what chat loads
     summary = json.loads((run_dir("tiny") / "speedrun.json").read_text())
     status = {s["stage"]: s["status"] for s in summary["stages"]}
     assert all(status[s] == "done" for s in ("tokenizer train", "pretrain", "midtrain", "sft", "rl", "eval",
@@ -48,8 +51,14 @@ def test_tiny_speedrun_runs_every_built_stage_then_skips_them(tmp_path, monkeypa
         assert all(cell.strip() != "—" for cell in stage_rows[stage][1:6]), stage_rows[stage]
     assert " tokens)" in stage_rows["sft"][3]  # sequences, and the token positions they filled
     assert "16 completions" in stage_rows["rl"][3]  # 2 steps × 2 questions × 4 samples
-    # RL's held-out pass@1 and pass@4: the SFT column measured before RL's first step, the RL column after
-    assert "| arithmetic_pass@1 (sampled, held-out) | — | — | " in report
+    # RL's held-out pass@1 and pass@4, once in the report: `nanochat eval` measured the SFT and RL checkpoints
+    # again, with RL's settings, and got exactly what RL measured before its first step and after its last
+    assert report.count("| arithmetic_pass@1 (sampled, held-out) | — | — | ") == 1
+    rl_meta = read_meta(latest("tiny", "rl"), verify=False)
+    for stage, prefix in (("sft", "before_"), ("rl", "")):
+        measured = json.loads((run_dir("tiny") / "eval" / f"{stage}.json").read_text())
+        assert {k: measured[k] for k in ("arithmetic_pass@1", "arithmetic_pass@4")} == \
+            {k: rl_meta[prefix + k] for k in ("arithmetic_pass@1", "arithmetic_pass@4")}
     assert "MFU is shown where the device's peak FLOP/s is known" in report  # a CPU run has no MFU
     assert "| ChatCORE (centered) | — |" in report  # the chat evaluations of mid and sft, next to base's dash
     assert "| validation bpb (`nanochat eval`) | " in report

@@ -1,17 +1,22 @@
 """`nanochat eval`: bits per byte and CORE for the base model, chat evaluations (ChatCORE) for the
-mid and SFT models; one JSON file per stage in runs/<run>/eval/, which the report card reads."""
+mid, SFT and RL models, and for the SFT and RL models of a run that has an RL stage, pass@1 and
+pass@k on RL's held-out questions with RL's sampling settings; one JSON file per stage in
+runs/<run>/eval/, which the report card reads."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from nanochat.checkpoint import read_meta
 from nanochat.config import EvalConfig, home, parse_config, run_dir
 from nanochat.data.loader import DataLoader
 from nanochat.data.sources import resolve_source
+from nanochat.engine import Engine
 from nanochat.evaluate.bpb import evaluate_bpb, token_byte_lengths
 from nanochat.evaluate.chat import evaluate_chat
 from nanochat.evaluate.core import evaluate_core
+from nanochat.evaluate.passk import PassAtK, rl_sampling
 from nanochat.gpt import GPT
 from nanochat.runs import latest, load_stage_model
 from nanochat.runtime import Runtime, init_runtime, print0, teardown
@@ -50,7 +55,12 @@ def evaluate_stage(stage: str, cfg: EvalConfig, rt: Runtime) -> tuple[dict, dict
     if stage == "base":
         return evaluate_base(model, tok, meta, cfg, rt)
     chat = evaluate_chat(model, tok, rt, tasks=cfg.chat_tasks, max_items=cfg.max_items or None)
-    return {"chatcore": chat["chatcore"], **{name: r["accuracy"] for name, r in chat["tasks"].items()}}, chat["tasks"]
+    results = {"chatcore": chat["chatcore"], **{name: r["accuracy"] for name, r in chat["tasks"].items()}}
+    rl = latest(cfg.run, "rl")
+    if cfg.pass_at_k and stage in ("sft", "rl") and rl is not None:
+        sampling = rl_sampling(read_meta(rl, verify=False)["config"])
+        results.update(PassAtK(Engine(model, tok, rt), sampling, rt).evaluate())
+    return results, chat["tasks"]
 
 
 def cli(argv: list[str]) -> int:

@@ -8,7 +8,8 @@ One step:
   rollouts    `samples` completions of each question from the KV-cache engine (temperature, top-k,
               a token budget), the calculator live exactly as in chat: its results are forced
               into the reply. Every completion has its own random stream, seeded by (seed, step,
-              question, sample), so what it says does not depend on batching or the number of ranks.
+              question, sample), so what it says does not depend on batching or the number of ranks
+              (`evaluate/passk.py`, which also measures the held-out pass@k before and after).
   rewards     the task's verifiable reward (tasks/rewards.py): 1 for the right final answer in
               a finished reply, else 0.
   advantages  reward − the mean reward of its question's group; with --normalise-advantages
@@ -32,29 +33,21 @@ Left out, compared with PPO and GRPO:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
-from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from nanochat.chat_format import render_for_completion
 from nanochat.config import RL_PRESETS, RLConfig, parse_config
-from nanochat.engine import Engine, Sampling
+from nanochat.engine import Engine
 from nanochat.errors import NanochatError
+from nanochat.evaluate.passk import PassAtK, Questions, Rollout, sample_completions, score
 from nanochat.optim import build_optimizer
 from nanochat.runs import get_stage, latest, load_stage_model
 from nanochat.runtime import Runtime, init_runtime, print0, teardown
-from nanochat.tasks import build_task, parse_spec
-from nanochat.tasks.base import Task, TaskError, rng
-from nanochat.tasks.rewards import REWARDS, Reply
-from nanochat.tokenizer import Tokenizer
 from nanochat.train.chat import scaled_optim
 from nanochat.train.loop import StagePlan, train_stage
-
-Rollout = tuple[list[int], list[bool]]  # a completion's tokens, and whether the model chose each
 
 
 def group_advantages(rewards: torch.Tensor, normalise: bool = False, eps: float = 1e-6) -> torch.Tensor:
@@ -81,61 +74,6 @@ def rollout_rows(prompts: list[list[int]], rollouts: list[Rollout], advantages: 
     y = torch.from_numpy(np.where(learn[:, 1:], ids[:, 1:], -1))
     weights = torch.tensor(advantages, dtype=torch.float32)[:, None].expand_as(x).contiguous()
     return x.to(device), y.to(device), weights.to(device)
-
-
-def sample_seed(seed: int, step: int, question: int, sample: int) -> int:
-    """The random stream of one completion: a function of where it is in the run alone."""
-    digest = hashlib.sha256(f"rl/{seed}/{step}/{question}/{sample}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-class Questions:
-    """The prompts of an RL run: the tasks' conversations in a fixed shuffled order, cycled, each
-    with the reward of its task."""
-
-    def __init__(self, spec: str, split: str, seed: int):
-        entries = parse_spec(spec)
-        missing = [name for name, _ in entries if name not in REWARDS]
-        if missing:
-            raise TaskError(f"task(s) {', '.join(missing)} have no verifiable reward; RL tasks: {', '.join(REWARDS)}")
-        self.tasks: list[tuple[str, Task]] = [(name, build_task(name, split, seed)) for name, _ in entries]
-        self.order = [(t, i) for t, (_, task) in enumerate(self.tasks) for i in range(len(task))]
-        rng("rl-questions", spec, split, seed).shuffle(self.order)
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def __getitem__(self, i: int) -> tuple[str, dict]:
-        t, j = self.order[i % len(self.order)]
-        name, task = self.tasks[t]
-        return name, task[j]
-
-
-def score(tok: Tokenizer, task: str, conversation: dict, tokens: list[int]) -> float:
-    return REWARDS[task](Reply.of(tok, tokens), conversation)
-
-
-def sample_completions(engine: Engine, questions: Questions, numbers: Sequence[int], cfg: RLConfig, samples: int,
-                       step: int) -> tuple[list[list[int]], list[Rollout], list[str], list[dict]]:
-    """`samples` completions of each question in `numbers`, with the run's sampling settings and a
-    random stream per completion seeded by (seed, step, question, sample); the evaluation's `step` is
-    -1. Returns (prompts, rollouts, tasks, conversations), one entry per completion, in micro-batches
-    of the engine."""
-    tok = engine.tok
-    prompts, names, convs, settings = [], [], [], []
-    for q in numbers:
-        name, conv = questions[q]
-        prompt = render_for_completion(tok, conv["messages"][:-1])
-        for s in range(samples):
-            prompts.append(prompt)
-            names.append(name)
-            convs.append(conv)
-            settings.append(Sampling(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
-                                     seed=sample_seed(cfg.seed, step, q, s)))
-    rollouts: list[Rollout] = []
-    for i in range(0, len(prompts), cfg.micro_batch):
-        rollouts += engine.rollout(prompts[i:i + cfg.micro_batch], settings[i:i + cfg.micro_batch])
-    return prompts, rollouts, names, convs
 
 
 class RolloutBatches:
@@ -207,33 +145,6 @@ class RolloutBatches:
         """Nothing to release; here so the stage loop treats every batch source alike."""
 
 
-class RLEval:
-    """pass@1 and pass@k on the tasks' held-out questions, with the training sampling settings."""
-
-    def __init__(self, engine: Engine, cfg: RLConfig, rt: Runtime):
-        self.engine, self.cfg, self.rt = engine, cfg, rt
-        self.questions = [Questions(name, "val", cfg.seed) for name, _ in parse_spec(cfg.tasks)]
-
-    def evaluate(self, step: int) -> dict:
-        cfg, rt, tok = self.cfg, self.rt, self.engine.tok
-        out: dict = {}
-        for questions in self.questions:
-            name = questions.tasks[0][0]
-            n = min(cfg.eval_items, len(questions))
-            mine = list(range(rt.rank, n, rt.world_size))
-            _, rollouts, names, convs = sample_completions(self.engine, questions, mine, cfg, cfg.eval_samples, step=-1)
-            rewards = [score(tok, task, c, t) for task, c, (t, _) in zip(names, convs, rollouts, strict=True)]
-            per_question = torch.tensor(rewards, dtype=torch.float64).view(len(mine), cfg.eval_samples)
-            sums = torch.tensor([per_question.sum().item(), per_question.max(dim=1).values.sum().item(), len(mine)],
-                                dtype=torch.float64)
-            if dist.is_initialized():
-                dist.all_reduce(sums)
-            total = max(sums[2].item(), 1)
-            out[f"{name}_pass@1"] = sums[0].item() / (total * cfg.eval_samples)
-            out[f"{name}_pass@{cfg.eval_samples}"] = sums[1].item() / total
-        return out
-
-
 def train_rl(cfg: RLConfig, rt: Runtime) -> dict:
     """Run the RL stage of run `cfg.run` from its SFT checkpoint; returns a summary."""
     start_from = next((s for s in get_stage("rl").starts_from if latest(cfg.run, s)), None)
@@ -248,7 +159,7 @@ def train_rl(cfg: RLConfig, rt: Runtime) -> dict:
     batches = RolloutBatches(engine, Questions(cfg.tasks, "train", cfg.seed), cfg, rt)
     optim = scaled_optim(cfg.optim, cfg.lr_scale)
     optimizer = build_optimizer(model, optim, cfg.prompts_per_step * cfg.samples * cfg.max_tokens)
-    evaluation = RLEval(engine, cfg, rt)
+    evaluation = PassAtK(engine, cfg, rt)
     before = evaluation.evaluate(0) if not cfg.resume else {}
     if before:
         print0("before RL: " + ", ".join(f"{k} {v:.3f}" for k, v in before.items()))

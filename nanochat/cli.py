@@ -25,10 +25,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "midtrain": ("nanochat.train.chat:midtrain_cli", "teach the chat format, tools and identity (base -> mid)"),
     "sft": ("nanochat.train.chat:sft_cli", "supervised fine-tuning on conversations (mid -> sft)"),
     "rl": ("nanochat.train.rl:cli", "reinforcement learning on verifiable rewards (sft -> rl)"),
-    "eval": ("nanochat.evaluate.cli", "bpb and CORE (base), chat evaluations and ChatCORE (mid, sft)"),
+    "eval": ("nanochat.evaluate.cli", "bpb and CORE (base); chat evaluations, ChatCORE, pass@k (mid, sft, rl)"),
     "report": ("nanochat.report", "the run's report card: report.md with tables and plots"),
     "chat": ("nanochat.chat", "talk to a trained model in the terminal (multi-turn, or one-shot with -p)"),
     "serve": ("nanochat.serve.app", "web chat UI and OpenAI-compatible API (FastAPI + uvicorn)"),
+    "export": ("nanochat.export.cli", "a trained model as a Hugging Face transformers directory (GGUF: refused, why)"),
 }
 
 

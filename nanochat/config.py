@@ -655,6 +655,21 @@ class ServeConfig:
             raise ConfigError(f"--port must be at most 65535 (got {self.port})")
 
 
+@dataclass
+class ExportConfig:
+    """`nanochat export`: a trained model in the ecosystem's formats."""
+
+    source: Annotated[ModelSource, tyro.conf.OmitArgPrefixes] = field(default_factory=ModelSource)
+    format: Literal["hf", "gguf"] = "hf"
+    """hf: a Hugging Face transformers directory; gguf: one file for llama.cpp / Ollama."""
+    arch: Literal["auto", "qwen3", "llama", "remote"] = "auto"
+    """Target architecture: auto takes transformers' Qwen3 or Llama where they compute this model exactly,
+    else our own modeling file (remote code); naming one that is not exact is refused."""
+    out: str = ""
+    """Where to write (a new or empty directory for hf, a .gguf file for gguf); default
+    NANOCHAT_HOME/exports/<run>-<stage>-<format>."""
+
+
 # --------------------------------------------------------------------------------------------
 # The whole pipeline, its report, the environment
 

@@ -21,7 +21,7 @@ def loaded_after_import(*modules: str) -> set[str]:
 
 
 @pytest.mark.parametrize("module", ["nanochat.engine", "nanochat.serve.app", "nanochat.evaluate.cli",
-                                    "nanochat.chat"])
+                                    "nanochat.export.cli", "nanochat.chat"])
 def test_inference_loads_no_training_module(module):
     loaded = loaded_after_import(module)
     assert module in loaded

@@ -3,9 +3,13 @@ import dataclasses
 import json
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from nanochat import speedrun
+from nanochat.chat_format import render_for_completion
 from nanochat.checkpoint import read_meta
+from nanochat.cli import main as nanochat_main
 from nanochat.config import (
     MIDTRAIN_PRESETS,
     PRESETS,
@@ -15,7 +19,11 @@ from nanochat.config import (
     TokenizerTrainConfig,
     run_dir,
 )
-from nanochat.runs import latest
+from nanochat.engine import Engine, Sampling
+from nanochat.runs import latest, load_stage_model
+from nanochat.runtime import init_runtime
+
+RT = init_runtime(device="cpu", dtype="float32")
 
 
 @pytest.mark.slow
@@ -85,3 +93,16 @@ def test_tiny_speedrun_runs_every_built_stage_then_skips_them(tmp_path, monkeypa
     assert "already finished" in out
     report = (run_dir("tiny") / "report.md").read_text()
     assert f"| pretrain | done earlier | {first['pretrain']:.1f} |" in report
+
+    # the trained chat model, exported for transformers, computes what ours does (issue 20)
+    assert nanochat_main(["export", "--run", "tiny", "--out", str(tmp_path / "hf")]) == 0
+    model, tok, _ = load_stage_model("tiny", "rl", RT)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    prompt = render_for_completion(tok, [{"role": "user", "content": "What is 12 plus 30? And who are you?"}])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=torch.tensor([prompt])).logits, model(torch.tensor([prompt])),
+                                   atol=1e-4, rtol=0)
+        ((ours, chosen),) = Engine(model, tok, RT).rollout([prompt], Sampling(max_tokens=48, temperature=0))
+        mine = ours[:chosen.index(False)] if False in chosen else ours  # up to a calculator result it forced
+        theirs = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=len(mine))[0, len(prompt):]
+    assert len(mine) > 0 and theirs.tolist() == mine

@@ -662,9 +662,9 @@ class ExportConfig:
     source: Annotated[ModelSource, tyro.conf.OmitArgPrefixes] = field(default_factory=ModelSource)
     format: Literal["hf", "gguf"] = "hf"
     """hf: a Hugging Face transformers directory; gguf: one file for llama.cpp / Ollama."""
-    arch: Literal["auto", "qwen3", "llama", "remote"] = "auto"
-    """Target architecture: auto takes transformers' Qwen3 or Llama where they compute this model exactly,
-    else our own modeling file (remote code); naming one that is not exact is refused."""
+    arch: Literal["auto", "qwen3", "llama", "nanochat", "remote"] = "auto"
+    """Target architecture: auto takes transformers' Qwen3, Llama or NanoChat where one computes this model
+    exactly, else our own modeling file (remote code); naming one that is not exact is refused."""
     out: str = ""
     """Where to write (a new or empty directory for hf, a .gguf file for gguf); default
     NANOCHAT_HOME/exports/<run>-<stage>-<format>."""

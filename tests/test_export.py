@@ -96,6 +96,8 @@ def test_chat_template_renders_our_prompt(tok):
 
 
 @pytest.mark.parametrize("shape,arch", [(RECIPE, "remote"), (PLAIN, "qwen3"), ({**PLAIN, "qk_norm": False}, "llama"),
+                                        ({**PLAIN, "mlp": "relu2", "logit_softcap": 15.0, "n_kv_head": 2,
+                                          "tie_embeddings": True}, "nanochat"),
                                         ({**RECIPE, "tie_embeddings": True, "mlp": "relu2"}, "remote")])
 def test_transformers_logits_equal_ours(tok, tmp_path, shape, arch):
     model = trained_looking(shape, tok.vocab_size)
@@ -119,7 +121,7 @@ def test_transformers_logits_equal_ours(tok, tmp_path, shape, arch):
         torch.testing.assert_close(padded[1], model(long[None])[0], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("shape", [RECIPE, PLAIN])
+@pytest.mark.parametrize("shape", [RECIPE, PLAIN, {**PLAIN, "mlp": "relu2", "logit_softcap": 15.0}])
 def test_greedy_generation_equals_our_engine(tok, tmp_path, shape):
     model = trained_looking(shape, tok.vocab_size, seed=1)
     hf, hf_tok, _ = export_and_load(model, tok, tmp_path)

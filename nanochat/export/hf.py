@@ -14,6 +14,12 @@ Which architecture (`--arch auto` picks the first that is exact):
             - the padded vocabulary rows (never a target) are dropped; the head is exported
               untied even when ours is tied, since the input side is now normalised.
   llama   the same, for a model without QK-norm (Llama has no q_norm / k_norm).
+  nanochat  transformers' NanoChat (the reference nanochat's original model): ReLU² MLP, QK-norm
+          after RoPE, parameter-free norms (its own, with our epsilon), the embedding norm in its
+          code, the logit soft-cap as `final_logit_softcapping`. Its RoPE turns the other way
+          (rotate_half gives (x2, -x1)), so the second half of every query and key head is
+          negated in the exported q/k weights: both the rotated q and k then come out with that
+          half negated, and their dot products, hence attention, are ours exactly.
   remote  our modeling file (`modeling_nanochat.py`, copied into the export; `trust_remote_code=True`):
           any model, the weights as they are. The only choice for the recipe's defaults (bigram
           hash embedding, smear, value embeddings, x0 mix-in, logit soft-cap, ReLU²).
@@ -28,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from transformers import GenerationConfig, LlamaConfig, Qwen3Config
+from transformers import GenerationConfig, LlamaConfig, NanoChatConfig, Qwen3Config
 
 from nanochat.config import ModelConfig
 from nanochat.errors import NanochatError
@@ -37,7 +43,8 @@ from nanochat.export.hf_tokenizer import to_hf_tokenizer
 from nanochat.gpt import GPT, ROPE_HEADROOM
 from nanochat.tokenizer import Tokenizer
 
-ARCHS = ("auto", "qwen3", "llama", "remote")
+ARCHS = ("auto", "qwen3", "llama", "nanochat", "remote")
+STANDARD = ("qwen3", "llama", "nanochat")  # transformers' own, in the order --arch auto tries them
 
 
 def unmapped_parts(cfg: ModelConfig, arch: str) -> list[str]:
@@ -51,14 +58,15 @@ def unmapped_parts(cfg: ModelConfig, arch: str) -> list[str]:
         parts.append("value embeddings (--value-embeddings)")
     if cfg.x0_skip:
         parts.append("the x0 mix-in (--x0-skip)")
-    if cfg.logit_softcap:
+    if cfg.logit_softcap and arch != "nanochat":
         parts.append(f"the logit soft-cap (--logit-softcap {cfg.logit_softcap:g})")
-    if cfg.mlp != "swiglu":
-        parts.append(f"the {cfg.mlp} MLP (both have SwiGLU only)")
+    wanted = "relu2" if arch == "nanochat" else "swiglu"
+    if cfg.mlp != wanted:
+        parts.append(f"the {cfg.mlp} MLP (it has {wanted} only)")
     if cfg.attn_scale and abs(cfg.attn_scale - cfg.head_dim ** -0.5) > 1e-12:
-        parts.append(f"the attention scale {cfg.attn_scale:g} (both use 1/sqrt(head_dim))")
-    if arch == "qwen3" and not cfg.qk_norm:
-        parts.append("no QK-norm (Qwen3 always normalises q and k: use --arch llama)")
+        parts.append(f"the attention scale {cfg.attn_scale:g} (it uses 1/sqrt(head_dim))")
+    if arch in ("qwen3", "nanochat") and not cfg.qk_norm:
+        parts.append(f"no QK-norm ({arch} always normalises q and k: use --arch llama)")
     if arch == "llama" and cfg.qk_norm:
         parts.append("QK-norm (Llama has none: use --arch qwen3)")
     return parts
@@ -67,8 +75,8 @@ def unmapped_parts(cfg: ModelConfig, arch: str) -> list[str]:
 def choose_arch(cfg: ModelConfig, arch: str) -> str:
     """`arch`, or with "auto" the first exact one of qwen3 / llama / remote; refuses an inexact one."""
     if arch == "auto":
-        return next((a for a in ("qwen3", "llama") if not unmapped_parts(cfg, a)), "remote")
-    if arch in ("qwen3", "llama") and (parts := unmapped_parts(cfg, arch)):
+        return next((a for a in STANDARD if not unmapped_parts(cfg, a)), "remote")
+    if arch in STANDARD and (parts := unmapped_parts(cfg, arch)):
         raise NanochatError(f"--arch {arch} would change this model's outputs: transformers' {arch} has no "
                             f"{'; no '.join(parts)}. Export with --arch remote (our modeling file, loaded with "
                             "trust_remote_code=True) or --arch auto")
@@ -96,6 +104,25 @@ def _standard_weights(model: GPT, arch: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def _nanochat_weights(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights under transformers' NanoChat names, q and k turned for its RoPE direction."""
+    cfg, V = model.config, model.vocab_size
+    half = torch.ones(cfg.head_dim)
+    half[cfg.head_dim // 2:] = -1  # negate the second half of each head's channels
+
+    def turned(w: torch.Tensor) -> torch.Tensor:  # rows are heads × head_dim
+        return (w.view(-1, cfg.head_dim, w.size(1)) * half[None, :, None]).reshape_as(w)
+
+    out = {"model.embed_tokens.weight": model.wte.weight[:V], "lm_head.weight": model.lm_head.weight[:V]}
+    for i, block in enumerate(model.blocks):
+        p, attn, mlp = f"model.layers.{i}.", block.attn, block.mlp
+        out |= {p + "self_attn.q_proj.weight": turned(attn.c_q.weight), p + "self_attn.k_proj.weight":
+                turned(attn.c_k.weight), p + "self_attn.v_proj.weight": attn.c_v.weight,
+                p + "self_attn.o_proj.weight": attn.c_proj.weight, p + "mlp.fc1.weight": mlp.c_fc.weight,
+                p + "mlp.fc2.weight": mlp.c_proj.weight}
+    return out
+
+
 def _standard_config(model: GPT, tok: Tokenizer, arch: str):
     cfg = model.config
     common = dict(vocab_size=model.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden,
@@ -104,6 +131,11 @@ def _standard_config(model: GPT, tok: Tokenizer, arch: str):
                   rms_norm_eps=torch.finfo(torch.float32).eps, rope_theta=cfg.rope_theta, attention_bias=False,
                   tie_word_embeddings=False, hidden_act="silu", bos_token_id=tok.special_id("<|bos|>"),
                   eos_token_id=tok.special_id("<|assistant_end|>"), torch_dtype="float32")
+    if arch == "nanochat":
+        common = {k: v for k, v in common.items() if k not in ("rope_theta", "hidden_act")}
+        return NanoChatConfig(**common, hidden_act="relu2", rope_parameters={"rope_type": "default",
+                              "rope_theta": cfg.rope_theta}, final_logit_softcapping=cfg.logit_softcap or None,
+                              architectures=["NanoChatForCausalLM"])
     if arch == "qwen3":
         return Qwen3Config(**common, use_sliding_window=False, architectures=["Qwen3ForCausalLM"])
     return LlamaConfig(**common, mlp_bias=False, architectures=["LlamaForCausalLM"])
@@ -139,7 +171,8 @@ def export_hf(model: GPT, tok: Tokenizer, out: Path, arch: str = "auto", card: s
         config = _remote_config(model, tok)
         shutil.copy(modeling_nanochat.__file__, partial / "modeling_nanochat.py")
     else:
-        weights, config = _standard_weights(model, arch), _standard_config(model, tok, arch)
+        weights = _nanochat_weights(model) if arch == "nanochat" else _standard_weights(model, arch)
+        config = _standard_config(model, tok, arch)
     save_file({k: v.detach().float().contiguous().clone() for k, v in weights.items()},
               partial / "model.safetensors", metadata={"format": "pt"})
     config.save_pretrained(partial)

@@ -642,7 +642,10 @@ class ServeConfig:
     workers: int = 1
     """Generation threads sharing the model on CPU or MPS (on CUDA: one per GPU, each with its own copy)."""
     max_batch: int = 8
-    """Replies a worker writes at once, in one batched generation (requests waiting together share it)."""
+    """Replies a worker writes at once."""
+    batching: Literal["continuous", "static"] = "continuous"
+    """continuous: a request joins the running batch at its next step and leaves it when its reply ends;
+    static: requests waiting together are written as one batch, which runs until its last reply ends."""
     max_queue: int = 64
     """Requests that may wait for a free worker; more get 503 (overloaded)."""
     api_key: str = ""

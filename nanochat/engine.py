@@ -152,6 +152,22 @@ class Engine:
         return [0 if row.done else sample(logits[i:i + 1], s.temperature, s.top_k, s.top_p, g).item()
                 for i, (row, s, g) in enumerate(zip(rows, sampling, generators, strict=True))]
 
+    def _advance(self, row: _Row, token: int) -> int:
+        """The row's next token given what the model sampled: a token the calculator owes it comes
+        first; a finished tool call queues its result. Updates the row's budget and state."""
+        row.sampled = not row.forced
+        if row.forced:
+            token = row.forced.pop(0)
+        elif token == self.python_start:
+            row.tool = []
+        elif token == self.python_end and row.tool is not None:
+            row.forced, row.tool = self._tool_result(row.tool), None
+        elif row.tool is not None:
+            row.tool.append(token)
+        row.left -= 1
+        row.done = token in self.stop or row.left == 0
+        return token
+
     def _decode(self, rows, idx, cache, sampling, generators):
         model, rt = self.model, self.rt
         with rt.autocast():
@@ -159,21 +175,7 @@ class Engine:
         while True:
             step: list[int | None] = []
             for row, token in zip(rows, self._sample(logits, rows, sampling, generators), strict=True):
-                if row.done:
-                    step.append(None)
-                    continue
-                row.sampled = not row.forced
-                if row.forced:
-                    token = row.forced.pop(0)
-                elif token == self.python_start:
-                    row.tool = []
-                elif token == self.python_end and row.tool is not None:
-                    row.forced, row.tool = self._tool_result(row.tool), None
-                elif row.tool is not None:
-                    row.tool.append(token)
-                row.left -= 1
-                row.done = token in self.stop or row.left == 0
-                step.append(token)
+                step.append(None if row.done else self._advance(row, token))
             yield step
             if all(r.done for r in rows):
                 return
@@ -194,6 +196,86 @@ class Engine:
     def stream_text(self, prompt: list[int], sampling: Sampling) -> ReplyStream:
         """The visible text of one completion as it is generated (see ReplyStream)."""
         return ReplyStream(self, prompt, sampling)
+
+
+class ContinuousBatch:
+    """Continuous (in-flight) batching over one engine: up to `slots` sequences decode together,
+    one token each per `step`; a new one is admitted between steps (its prompt prefilled on its
+    own, then it decodes with the others) and a finished one leaves at once, freeing its slot.
+    Each sequence has its own Sampling and random stream and its own positions in a SlotCache, so
+    its tokens are the ones Engine.generate writes for it alone (greedy, or seeded sampling)."""
+
+    def __init__(self, engine: Engine, slots: int, max_len: int | None = None):
+        self.engine, model = engine, engine.model
+        rt = engine.rt
+        self.max_len = min(max_len or engine.context, engine.context)
+        self.dtype = rt.autocast_dtype or torch.float32
+        self.cache = model.new_slot_cache(slots, self.max_len, dtype=self.dtype)
+        self.rows: list[_Row | None] = [None] * slots
+        self.sampling: list[Sampling | None] = [None] * slots
+        self.generators: list[torch.Generator | None] = [None] * slots
+        self.logits: list[torch.Tensor | None] = [None] * slots  # each row's logits for its next token
+        self.pending: list[tuple[int, int]] = []  # (slot, token) sampled but not yet fed to the model
+
+    @property
+    def free(self) -> int:
+        return self.rows.count(None)
+
+    @property
+    def running(self) -> int:
+        return len(self.rows) - self.free
+
+    def fits(self, prompt: list[int], sampling: Sampling) -> bool:
+        return len(prompt) + sampling.max_tokens <= self.max_len
+
+    @torch.inference_mode()
+    def admit(self, prompt: list[int], sampling: Sampling) -> int:
+        """Prefill `prompt` alone and give it a free slot; returns the slot."""
+        if not self.fits(prompt, sampling):
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({sampling.max_tokens}) exceeds the "
+                             f"batch's {self.max_len} positions")
+        slot = self.rows.index(None)
+        engine, rt = self.engine, self.engine.rt
+        prefill = engine.model.new_kv_cache(1, len(prompt), dtype=self.dtype)
+        with rt.autocast():
+            self.logits[slot] = engine.model(torch.tensor([prompt], device=rt.device), kv_cache=prefill)[:, -1]
+        self.cache.fill(slot, prefill, prompt[-1])
+        self.rows[slot], self.sampling[slot] = _Row(left=sampling.max_tokens), sampling
+        self.generators[slot] = torch.Generator(device=rt.device).manual_seed(sampling.seed)
+        return slot
+
+    def release(self, slot: int) -> None:
+        """Free a slot (its sequence finished, or nobody wants the rest)."""
+        self.rows[slot] = self.sampling[slot] = self.generators[slot] = self.logits[slot] = None
+        self.pending = [(s, token) for s, token in self.pending if s != slot]
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[int, int, bool]]:
+        """The next token of every running sequence: [(slot, token, finished)]; finished slots are
+        freed. The tokens of the previous step are fed to the model first (one forward pass for all
+        of them), so a token is returned as soon as it is sampled."""
+        engine, rt = self.engine, self.engine.rt
+        fed, self.pending = self.pending, []
+        if fed:
+            self.cache.active = torch.tensor([slot for slot, _ in fed], device=rt.device)
+            ids = torch.tensor([[token] for _, token in fed], device=rt.device)
+            with eval_mode(engine.model), rt.autocast():
+                logits = engine.model(ids, kv_cache=self.cache)[:, -1]
+            for i, (slot, _) in enumerate(fed):
+                self.logits[slot] = logits[i:i + 1]
+        out = []
+        for slot, row in enumerate(self.rows):
+            if row is None:
+                continue
+            s = self.sampling[slot]
+            token = engine._advance(row, int(sample(self.logits[slot], s.temperature, s.top_k, s.top_p,
+                                                    self.generators[slot])[0]))
+            out.append((slot, token, row.done))
+            if row.done:
+                self.release(slot)
+            else:
+                self.pending.append((slot, token))
+        return out
 
 
 class ReplyStream(ReplyText):

@@ -226,6 +226,63 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+class SlotCache:
+    """Keys and values for continuous batching: `slots` rows, each holding one sequence with its
+    own length, so sequences join and leave between decode steps. A sequence's prompt is prefilled
+    on its own (a KVCache of one row) and copied into a free slot (`fill`); then each forward pass
+    decodes one token for the rows in `active` (the others are untouched). Positions count from
+    each row's first token, and a row attends to its own slots only, so its logits are those of
+    its sequence run alone. Same interface as KVCache towards the model."""
+
+    def __init__(self, n_layer: int, slots: int, n_kv_head: int, max_len: int, head_dim: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        shape = (n_layer, slots, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=device)  # each row's last token
+        self.active = torch.zeros(0, dtype=torch.long, device=device)
+        self.max_len = max_len
+
+    def fill(self, slot: int, prefilled: KVCache, last_token: int) -> None:
+        """Take over the one sequence a KVCache holds (no padding) into `slot`."""
+        n = prefilled.pos
+        if n > self.max_len:
+            raise NanochatError(f"a {n}-token sequence does not fit the slots' {self.max_len} positions")
+        self.k[:, slot, :, :n] = prefilled.k[:, 0, :, :n]
+        self.v[:, slot, :, :n] = prefilled.v[:, 0, :, :n]
+        self.lengths[slot], self.tokens[slot] = n, last_token
+
+    @property
+    def last_token(self) -> torch.Tensor:
+        return self.tokens[self.active]
+
+    @last_token.setter
+    def last_token(self, value: torch.Tensor) -> None:
+        self.tokens[self.active] = value
+
+    def positions_and_mask(self, T: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        if T != 1:
+            raise NanochatError("a SlotCache decodes one token per row at a time; prefill with a KVCache")
+        lengths = self.lengths[self.active]
+        if int(lengths.max()) + 1 > self.max_len:
+            raise NanochatError(f"KV cache full: a row reached {self.max_len} positions")
+        key = torch.arange(int(lengths.max()) + 1, device=lengths.device)
+        mask = key[None, :] <= lengths[:, None]  # (A, L): each row's own slots and the new one
+        return lengths.view(-1, 1, 1), mask[:, None, None, :], False
+
+    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the active rows' new key/value (A, n_kv_head, 1, head_dim) at their lengths and return
+        their keys/values so far (A, n_kv_head, L, head_dim); after the last layer the lengths move on."""
+        rows, lengths = self.active, self.lengths[self.active]
+        self.k[layer, rows, :, lengths] = k[:, :, 0].to(self.k.dtype)
+        self.v[layer, rows, :, lengths] = v[:, :, 0].to(self.v.dtype)
+        end = int(lengths.max()) + 1
+        if layer == self.k.size(0) - 1:
+            self.lengths[rows] += 1
+        return self.k[layer, rows, :, :end], self.v[layer, rows, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -447,6 +504,13 @@ class GPT(nn.Module):
             autocast = torch.is_autocast_enabled(device_type)
             dtype = torch.get_autocast_dtype(device_type) if autocast else weight.dtype
         return KVCache(cfg.depth, batch_size, cfg.kv_heads, max_len, cfg.head_dim, pad, weight.device, dtype)
+
+    def new_slot_cache(self, slots: int, max_len: int, dtype: torch.dtype | None = None) -> SlotCache:
+        """An empty SlotCache of `slots` rows of up to `max_len` positions each (continuous batching)."""
+        if max_len > self.max_positions:
+            raise NanochatError(f"max_len {max_len} exceeds the model's {self.max_positions} rotary positions")
+        cfg, weight = self.config, self.lm_head.weight
+        return SlotCache(cfg.depth, slots, cfg.kv_heads, max_len, cfg.head_dim, weight.device, dtype or weight.dtype)
 
     def lookup_tables(self) -> list[nn.Parameter]:
         """The weights used as lookups rather than matmuls: the token, value and bigram embeddings."""

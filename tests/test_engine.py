@@ -2,6 +2,8 @@
 sampling (one shared `Sampling` or one per row) is seeded, and a reply's tokens read back as text
 and chat-format parts (nanochat.chat_format) with nothing but the tokenizer."""
 
+import types
+
 import pytest
 import torch
 from torch import nn
@@ -9,7 +11,7 @@ from torch import nn
 from nanochat.calculator import CalculatorError, calculate
 from nanochat.chat_format import ReplyText, reply_parts, reply_text
 from nanochat.config import ModelConfig
-from nanochat.engine import Engine, Sampling, sample
+from nanochat.engine import ContinuousBatch, Engine, Sampling, sample
 from nanochat.gpt import GPT
 from nanochat.runtime import init_runtime
 from nanochat.tokenizer import Tokenizer
@@ -233,3 +235,60 @@ def test_bf16_training_step_and_generation_as_on_cuda(tok, monkeypatch):
     assert sum(not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True)) > len(before) // 2
     reply = Engine(model, tok, rt).complete([tok.encode_ordinary("the cat"), [tok.bos_id]], Sampling(max_tokens=8))
     assert [len(r) for r in reply] == [8, 8] and all(0 <= t < tok.vocab_size for r in reply for t in r)
+
+
+def drive(batch: ContinuousBatch, prompts, settings, admit_every: int) -> tuple[list[list[int]], list[int]]:
+    """Feed the requests into `batch` one every `admit_every` steps (as slots allow); returns each
+    request's tokens and the number of sequences running at each step."""
+    out, slot_of, waiting, running, step = [[] for _ in prompts], {}, list(range(len(prompts))), [], 0
+    while waiting or batch.running:
+        if waiting and batch.free and (step % admit_every == 0 or not batch.running):
+            i = waiting.pop(0)
+            slot_of[batch.admit(prompts[i], settings[i])] = i
+        running.append(batch.running)
+        for slot, token, _ in batch.step():
+            out[slot_of[slot]].append(token)
+        step += 1
+    return out, running
+
+
+@pytest.mark.parametrize("parts", [{}, {"n_kv_head": 1, "ve_gate": True, "x0_skip": True}],
+                         ids=["default", "gqa+gates"])
+def test_continuous_batching_gives_each_request_its_reply_alone(tok, parts):
+    """Requests join a running batch at different steps, more of them than there are slots, each
+    with its own length, budget and sampling: every reply is what Engine.generate writes for it alone."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(depth=2, aspect_ratio=32, head_dim=16, sequence_len=64, **parts), tok.vocab_size)
+    with torch.no_grad():  # wake up the parts that start silent (zero projections, smear and bigram gates)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    engine = Engine(model, tok, RT)
+    texts = ["the cat", "on the mat. 2+3 is", "café", "the cat sat on the mat. the cat sat", "naïve über"]
+    prompts = [[tok.bos_id, *tok.encode_ordinary(t)] for t in texts] * 2
+    settings = [Sampling(max_tokens=6 + 3 * i, temperature=0.0 if i % 3 == 0 else 0.9, top_k=None if i % 2 else 20,
+                         seed=i) for i in range(len(prompts))]
+    alone = [engine.complete([p], s)[0] for p, s in zip(prompts, settings, strict=True)]
+    together, running = drive(ContinuousBatch(engine, slots=3), prompts, settings, admit_every=2)
+    assert together == alone
+    assert max(running) == 3 and running[0] == 1  # the slots filled up as requests came, and were reused
+
+
+def test_continuous_batch_forces_tool_results_and_frees_finished_slots(tok):
+    sid = tok.special_id
+    call = tok.encode_ordinary("2+3")
+    script = [sid("<|python_start|>"), *call, sid("<|python_end|>"), 0, 0, 0, 0, sid("<|assistant_end|>")]
+
+    class Stand(Scripted):  # the same script for every row, one token per forward pass
+        def new_slot_cache(self, slots, max_len, dtype=None):
+            return types.SimpleNamespace(fill=lambda *args: None, active=None)
+
+    batch = ContinuousBatch(Engine(Stand(script, tok.vocab_size), tok, RT), slots=2)
+    slot = batch.admit([tok.bos_id], Sampling(max_tokens=40))
+    tokens = []
+    while batch.running:
+        tokens += [token for _, token, _ in batch.step()]
+    forced = [sid("<|output_start|>"), *tok.encode_ordinary("5"), sid("<|output_end|>")]
+    assert tokens[:len(call) + 2 + len(forced)] == [sid("<|python_start|>"), *call, sid("<|python_end|>"), *forced]
+    assert batch.free == 2 and slot == 0
+    with pytest.raises(ValueError, match="exceeds"):
+        batch.admit([tok.bos_id] * 500, Sampling(max_tokens=40))

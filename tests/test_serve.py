@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import types
 
 import httpx2
 import openai
@@ -71,6 +72,9 @@ class Script(nn.Module):
 
     def new_kv_cache(self, batch, max_len, pad=None, dtype=None):
         return None
+
+    def new_slot_cache(self, slots, max_len, dtype=None):
+        return types.SimpleNamespace(fill=lambda *args: None, active=None)  # the script needs no cache
 
     def forward(self, idx, kv_cache=None):
         self.entered.set()
@@ -254,7 +258,7 @@ def test_the_chat_page_is_served(model):
 
 def test_full_queue_answers_503_and_recovers(model):
     engine, stand_in = scripted(model, "ab", end=False, gated=True)
-    app = create_app(engine, "gated", max_queue=1)  # room for one running and one waiting request
+    app = create_app(engine, "gated", max_queue=1, max_batch=1)  # room for one running and one waiting request
     with serving(app) as base, httpx2.Client(base_url=base, timeout=WAIT_S) as client:
         with client.stream("POST", CHAT, json=request(stream=True, max_tokens=3)) as running:
             assert running.status_code == 200
@@ -391,3 +395,37 @@ def test_requests_waiting_together_share_one_batch_and_get_their_own_replies(mod
         hook.remove()
     assert together == alone
     assert batched[0] == 1 and max(batched) == 4  # the first alone, then four of the waiting ones together
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_a_request_arriving_mid_reply_is_answered_before_the_reply_ends(model, batching):
+    """One worker, gated forward passes: a 400-token reply is being written when a 3-token request
+    comes in. Continuously batched, the newcomer joins at the next step and is answered within a
+    few passes; statically batched, it waits for the whole long reply (the old behaviour)."""
+    engine, stand_in = scripted(model, "ab", end=False, gated=True)
+    with serving(create_app(engine, "gated", batching=batching)) as base, \
+            httpx2.Client(base_url=base, timeout=WAIT_S) as client:
+        stand_in.permits.release(5)  # the long reply's prompt and its first few tokens
+        with client.stream("POST", CHAT, json=request(stream=True, max_tokens=400,
+                                                      stream_options={"include_usage": True})) as long:
+            events = (line for line in long.iter_lines() if line.startswith("data: "))
+            assert "role" in json.loads(next(events)[6:])["choices"][0]["delta"]
+            short_done, short = threading.Event(), {}
+
+            def ask_short():
+                short["response"] = client.post(CHAT, json=request(max_tokens=3))
+                short_done.set()
+
+            asker = threading.Thread(target=ask_short)
+            asker.start()
+            while client.get("/health").json()["waiting"] + client.get("/health").json()["busy"] < 2:
+                threading.Event().wait(0.01)  # the short request is in the server
+            stand_in.permits.release(12)  # enough passes for the newcomer, a few of the 400 for the long one
+            answered = short_done.wait(10 if batching == "continuous" else 1)
+            assert answered == (batching == "continuous")
+            stand_in.permits.release(10_000)
+            rest = [line[6:] for line in events]
+            asker.join(WAIT_S)
+    assert rest[-1] == "[DONE]"
+    assert json.loads(rest[-2])["usage"]["completion_tokens"] == 400  # the long reply ran to its end either way
+    assert short["response"].json()["usage"]["completion_tokens"] == 3

@@ -246,7 +246,7 @@ class RequireApiKey:
 
 
 def create_app(engines: Engine | Sequence[Engine], model_name: str, *, api_key: str | None = None,
-               max_queue: int = 64, max_batch: int = 8) -> FastAPI:
+               max_queue: int = 64, max_batch: int = 8, batching: str = "continuous") -> FastAPI:
     """The server over `engines`, one worker thread each (repeat an engine to share its model),
     each writing up to `max_batch` replies at once. Workers start and stop with the app's
     lifespan, which uvicorn runs."""
@@ -255,7 +255,7 @@ def create_app(engines: Engine | Sequence[Engine], model_name: str, *, api_key: 
         # Engine.generate (gpt.eval_mode) restores the train/eval mode it found; with threads sharing
         # a model that restore would race, so the models are put in eval mode for good.
         engine.model.eval()
-    pool = WorkerPool(engines, max_queue, max_batch)
+    pool = WorkerPool(engines, max_queue, max_batch, batching)
     tok, context = engines[0].tok, engines[0].context
     card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "nanochat"}
 
@@ -367,11 +367,12 @@ def cli(argv: list[str]) -> int:
                                    "API at /v1 (any OpenAI client: base_url=http://HOST:PORT/v1).")
     engines, name = load_engines(cfg)
     api_key = cfg.api_key or os.environ.get("NANOCHAT_API_KEY", "")
-    app = create_app(engines, name, api_key=api_key or None, max_queue=cfg.max_queue, max_batch=cfg.max_batch)
+    app = create_app(engines, name, api_key=api_key or None, max_queue=cfg.max_queue, max_batch=cfg.max_batch,
+                     batching=cfg.batching)
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     url = f"http://{host}:{cfg.port}"
-    print(f"nanochat serve: {name} on {len(engines)} {engines[0].rt.device.type} worker(s), batches of up to "
-          f"{cfg.max_batch}"
+    print(f"nanochat serve: {name} on {len(engines)} {engines[0].rt.device.type} worker(s), {cfg.batching} batches "
+          f"of up to {cfg.max_batch}"
           + ("; /v1 needs the API key" if api_key else ""))
     print(f"  chat:  {url}/\n  API:   {url}/v1  (OpenAI-compatible)", flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")

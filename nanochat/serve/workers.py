@@ -1,11 +1,15 @@
 """Generation off the event loop: a pool of worker threads, one per engine, fed from one queue.
 
-A request becomes a Job. A worker takes the oldest waiting job together with whatever else is
-waiting (up to `max_batch` jobs whose prompts and budgets fit the context side by side) and writes
-all their replies in one batched generation: on a CPU, or a GPU with room to spare, a batch of 8
-costs little more per step than one reply. Each job carries its request's `Sampling` (settings
-and seed), and its reply does not depend on its neighbours (Engine.generate with one Sampling per
-row). A job leaves as soon as its own reply ends; jobs that arrive meanwhile wait for the next batch.
+A request becomes a Job, which carries its request's `Sampling` (settings and seed); its reply
+does not depend on its neighbours. A worker batches in one of two ways (`batching`):
+
+- continuous: the worker keeps up to `max_batch` replies in flight (engine.ContinuousBatch). Before
+  every decode step it admits waiting jobs into free slots (each prompt prefilled on its own), and a
+  reply that ends leaves at once, freeing its slot: a request never waits for a batch to finish.
+- static: the worker takes the oldest waiting job with whatever else is waiting (up to `max_batch`
+  jobs whose prompts and budgets fit the context side by side) and writes them in one batched
+  generation (Engine.generate) until the last ends; jobs that arrive meanwhile wait for the next
+  batch. Kept as the benchmark's peer (benchmarks/serve.py).
 
 Admission is counted, not left to the queue: `max_queue` jobs may wait beyond those an idle worker
 will take at once, and a request beyond that is refused at once (the server answers 503) instead
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from nanochat.chat_format import ReplyText
-from nanochat.engine import Engine, Sampling
+from nanochat.engine import ContinuousBatch, Engine, Sampling
 
 log = logging.getLogger("nanochat.serve")
 
@@ -78,15 +82,18 @@ class WorkerPool:
     """One thread per entry of `engines` (an engine may appear several times: threads sharing a
     model on the CPU), each writing up to `max_batch` replies at once, first come, first served."""
 
-    def __init__(self, engines: Sequence[Engine], max_queue: int, max_batch: int = 8):
-        self.engines, self.max_queue, self.max_batch = list(engines), max_queue, max_batch
+    def __init__(self, engines: Sequence[Engine], max_queue: int, max_batch: int = 8, batching: str = "continuous"):
+        if batching not in ("continuous", "static"):
+            raise ValueError(f"batching must be 'continuous' or 'static', not {batching!r}")
+        self.engines, self.max_queue, self.max_batch, self.batching = list(engines), max_queue, max_batch, batching
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._waiting = self._busy = self._busy_workers = 0
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        self._threads = [threading.Thread(target=self._work, args=(engine,), name=f"nanochat-worker-{i}",
+        work = self._work_continuous if self.batching == "continuous" else self._work
+        self._threads = [threading.Thread(target=work, args=(engine,), name=f"nanochat-worker-{i}",
                                           daemon=True) for i, engine in enumerate(self.engines)]
         for thread in self._threads:
             thread.start()
@@ -154,6 +161,67 @@ class WorkerPool:
                 self._busy_workers += bool(batch)
             if batch:
                 self._run(engine, batch)
+                with self._lock:
+                    self._busy_workers -= 1
+
+    def _take(self, job: Job) -> bool:
+        """Move a job from waiting to running (False: it was cancelled while it waited)."""
+        with self._lock:
+            if job.state != "waiting":
+                return False
+            job.state = "running"
+            self._waiting -= 1
+            self._busy += 1
+            return True
+
+    def _work_continuous(self, engine: Engine) -> None:
+        if engine.rt.device.type == "cuda":
+            torch.cuda.set_device(engine.rt.device)
+        batch = ContinuousBatch(engine, self.max_batch)
+        running: dict[int, tuple[Job, ReplyText]] = {}  # slot -> its job and the reply's text so far
+        stopping = busy = False
+        while running or not stopping:
+            while batch.free and not stopping:  # admit: block for a job only when nothing is running
+                try:
+                    job = self._jobs.get_nowait() if running else self._jobs.get()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                elif self._take(job):
+                    if not busy:
+                        busy = True
+                        with self._lock:
+                            self._busy_workers += 1
+                    try:
+                        running[batch.admit(job.prompt, job.sampling)] = (job, ReplyText(engine.tok))
+                    except Exception as e:
+                        log.exception("prefill failed")
+                        self._finish(job, GenerationFailed(f"generation failed: {type(e).__name__}: {e}"))
+            for slot, (job, text) in list(running.items()):
+                if job.cancelled.is_set():  # its client went away: free the slot now
+                    batch.release(slot)
+                    del running[slot]
+                    self._finish(job, Finished(text.finish_reason, len(text.tokens)))
+            try:
+                steps = batch.step() if running else []
+            except Exception as e:
+                log.exception("generation failed")
+                for slot, (job, _) in running.items():
+                    batch.release(slot)
+                    self._finish(job, GenerationFailed(f"generation failed: {type(e).__name__}: {e}"))
+                running.clear()
+                steps = []
+            for slot, token, done in steps:
+                job, text = running[slot]
+                piece = text.feed(token) + (text.flush() if done else "")
+                if piece:
+                    job.emit(piece)
+                if done:
+                    del running[slot]
+                    self._finish(job, Finished(text.finish_reason, len(text.tokens)))
+            if busy and not running:
+                busy = False
                 with self._lock:
                     self._busy_workers -= 1
 

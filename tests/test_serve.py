@@ -429,3 +429,34 @@ def test_a_request_arriving_mid_reply_is_answered_before_the_reply_ends(model, b
     assert rest[-1] == "[DONE]"
     assert json.loads(rest[-2])["usage"]["completion_tokens"] == 400  # the long reply ran to its end either way
     assert short["response"].json()["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings_end_the_reply_before_them(model, stream):
+    engine, _ = scripted(model, "Hello there, the cat sat on the mat.")
+    tok = engine.tok
+    assert len(tok.encode_ordinary(" cat")) > 1 or len(tok.encode_ordinary("the c")) > 1  # a stop across tokens
+
+    def ask(client, **fields) -> tuple[str, str, int]:
+        body = request(stream=stream, **{"max_tokens": 40, **fields})
+        if not stream:
+            data = client.post(CHAT, json=body).json()
+            choice = data["choices"][0]
+            return choice["message"]["content"], choice["finish_reason"], data["usage"]["completion_tokens"]
+        with client.stream("POST", CHAT, json={**body, "stream_options": {"include_usage": True}}) as response:
+            chunks = [json.loads(e) for e in read_events(response)[:-1]]
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+        return text, [c for c in chunks if c["choices"]][-1]["choices"][0]["finish_reason"], \
+            chunks[-1]["usage"]["completion_tokens"]
+
+    with serving(create_app(engine, "stops")) as base, httpx2.Client(base_url=base, timeout=WAIT_S) as client:
+        full, reason, n = ask(client)
+        assert (full, reason) == ("Hello there, the cat sat on the mat.", "stop")
+        assert ask(client, stop="mat")[2] <= n  # usage counts what was generated, up to the stop
+        assert ask(client, stop="e c")[:2] == ("Hello there, th", "stop")  # "e c" spans tokens
+        assert ask(client, stop=["mat", "sat", "zebra"])[:2] == ("Hello there, the cat ", "stop")
+        text, reason, _ = ask(client, stop=["the mat.x"])  # starts matching at the end, never completes
+        assert (text, reason) == (full, "stop")
+        assert ask(client, stop="zebra", max_tokens=3)[1] == "length"
+        error = assert_openai_error(client.post(CHAT, json=request(stop=["a", "b", "c", "d", "e"])), 400)
+        assert error["param"] == "stop"

@@ -70,7 +70,7 @@ class StreamOptions(BaseModel):
 
 class ChatRequest(BaseModel):
     """The fields of OpenAI's chat completion request that this server honours, plus top_k.
-    Others (model, stop, user, ...) are accepted and ignored: there is one model to talk to."""
+    Others (model, user, ...) are accepted and ignored: there is one model to talk to."""
 
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     stream: bool = False
@@ -83,6 +83,18 @@ class ChatRequest(BaseModel):
     top_k: int | None = Field(None, ge=1)
     n: int | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: str | list[str] | None = None
+    """Up to 4 strings; the reply ends before the first of them and never contains it."""
+
+    @field_validator("stop")
+    @classmethod
+    def stop_strings(cls, stop):
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > 4:
+            raise ValueError(f"at most 4 stop strings (got {len(stops)})")
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return stops
 
     @field_validator("n")
     @classmethod
@@ -187,15 +199,59 @@ class Reply:
         return {**self._head("chat.completion.chunk"), "choices": [], "usage": self.usage(result)}
 
 
+class StopText:
+    """A reply's text with the stop strings applied: text that might be the start of a stop string
+    is held back until the next pieces decide it; at the first stop string the reply ends, without it."""
+
+    def __init__(self, stops: Sequence[str] | None):
+        self.stops, self.held, self.stopped = list(stops or []), "", False
+
+    def feed(self, piece: str) -> str:
+        """What of the text so far can be shown now."""
+        if self.stopped:
+            return ""
+        text = self.held + piece
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.held, self.stopped = "", True
+            return text[:min(found)]
+        keep = max((k for s in self.stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])),
+                   default=0)
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep]
+
+    def flush(self) -> str:
+        """The held-back text once the reply has ended without a stop string."""
+        tail, self.held = ("" if self.stopped else self.held), ""
+        return tail
+
+
+async def _reply_text(pool: WorkerPool, job: Job, stops: Sequence[str]) -> AsyncIterator[str]:
+    """The job's text with `stops` applied. At a stop string the job is cancelled (its slot freed
+    at the next step) and its end still awaited, so `job.result` counts what was generated."""
+    text = StopText(stops)
+    async for piece in job.pieces():
+        shown = text.feed(piece)
+        if shown:
+            yield shown
+        if text.stopped:
+            pool.cancel(job)
+    tail = text.flush()
+    if tail:
+        yield tail
+    if text.stopped:
+        job.result = Finished("stop", job.result.completion_tokens)
+
+
 def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _events(job: Job, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
+async def _events(pieces: AsyncIterator[str], job: Job, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
     """The chunks of a streamed completion: the role, the text piece by piece, the finish reason."""
     yield _sse(reply.chunk({"role": "assistant", "content": ""}))
     try:
-        async for piece in job.pieces():
+        async for piece in pieces:
             yield _sse(reply.chunk({"content": piece}))
     except GenerationFailed as e:  # the status line is long gone: report it in the stream, as OpenAI does
         yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
@@ -305,9 +361,9 @@ def create_app(engines: Engine | Sequence[Engine], model_name: str, *, api_key: 
         reply = Reply(model_name, len(prompt))
         if req.stream:
             include_usage = req.stream_options is not None and req.stream_options.include_usage
-            return JobStream(pool, job, _events(job, reply, include_usage))
+            return JobStream(pool, job, _events(_reply_text(pool, job, req.stop), job, reply, include_usage))
         try:
-            text = "".join([piece async for piece in job.pieces()])
+            text = "".join([piece async for piece in _reply_text(pool, job, req.stop)])
         except GenerationFailed as e:
             raise ApiError(500, str(e), type="server_error") from None
         finally:

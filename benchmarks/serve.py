@@ -1,0 +1,153 @@
+"""Serving under load: continuous batching against the static batcher, the same load for both.
+
+    uv run python benchmarks/serve.py                        # run `tiny` (after `nanochat speedrun`)
+    uv run python benchmarks/serve.py --rates 1 2 4 8 --seconds 30
+
+For each batching mode a `nanochat serve` app (one worker, --max-batch 8) runs on a loopback port
+in this process, and a bounded open-loop load generator sends it streaming chat requests: arrivals
+are a Poisson process at each --rates (requests per second) for --seconds, each request a prompt
+drawn from a fixed mix (short questions, arithmetic, long multi-turn conversations) and a
+max_tokens drawn from --max-tokens, with its own seed. The arrival times, prompts, budgets and seeds
+are the same for both modes (one random stream per rate), so each row compares like with like.
+
+Measured per mode and rate: throughput (completion tokens, from each stream's usage, per second of
+wall-clock from the first request to the last reply), time to first token (request sent to first
+content chunk), inter-token latency (between consecutive content chunks of one stream), p50 and
+p99, and requests completed. Clients give up on a request after --timeout seconds: a mode that
+cannot keep up shows it as timeouts, and its row does not count as sustained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx2
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/_server: uvicorn in a thread
+
+from nanochat.config import DeviceConfig, ModelSource  # noqa: E402
+from nanochat.engine import load_engine  # noqa: E402
+from nanochat.runtime import init_runtime  # noqa: E402
+from nanochat.serve.app import create_app  # noqa: E402
+from tests._server import serving  # noqa: E402
+
+PROMPTS = [
+    [{"role": "user", "content": "Who are you?"}],
+    [{"role": "user", "content": "What is 37 times 48?"}],
+    [{"role": "user", "content": "Spell the word 'banana' letter by letter."}],
+    [{"role": "user", "content": "Tell me about the history of Paris."}],
+    [{"role": "user", "content": "What is 12 plus 30?"}, {"role": "assistant", "content": "The answer is 42."},
+     {"role": "user", "content": "And what do you know about the Moon and the planets of the solar system? "
+                                 "Please explain what makes them different from one another."}],
+]
+
+
+@dataclass
+class Result:
+    ttft: float | None = None
+    gaps: list[float] = field(default_factory=list)
+    tokens: int = 0
+    ok: bool = False
+
+
+def schedule(rate: float, seconds: float, token_mix: list[int], seed: int) -> list[tuple[float, dict]]:
+    """(send time, request body) of every request at one arrival rate: the same for every mode."""
+    r = random.Random(f"serve-bench/{rate}/{seed}")
+    t, out = 0.0, []
+    while True:
+        t += r.expovariate(rate)
+        if t > seconds:
+            return out
+        body = {"model": "m", "messages": r.choice(PROMPTS), "stream": True, "max_tokens": r.choice(token_mix),
+                "temperature": 0.8, "seed": r.randrange(2**31), "stream_options": {"include_usage": True}}
+        out.append((t, body))
+
+
+async def one(client: httpx2.AsyncClient, start: float, at: float, body: dict, timeout: float) -> Result:
+    await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+    result, sent = Result(), time.perf_counter()
+    last = None
+    try:
+        async with asyncio.timeout(timeout):
+            async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                if response.status_code != 200:
+                    return result
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        result.tokens = chunk["usage"]["completion_tokens"]
+                    if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                        now = time.perf_counter()
+                        if last is None:
+                            result.ttft = now - sent
+                        else:
+                            result.gaps.append(now - last)
+                        last = now
+        result.ok = True
+    except TimeoutError:
+        pass
+    return result
+
+
+async def load(base: str, requests: list[tuple[float, dict]], timeout: float) -> tuple[list[Result], float]:
+    limits = httpx2.Limits(max_connections=len(requests) + 1)
+    async with httpx2.AsyncClient(base_url=base, timeout=timeout, limits=limits) as client:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(client, start, at, body, timeout) for at, body in requests))
+        return results, time.perf_counter() - start
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", default="tiny")
+    parser.add_argument("--rates", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
+    parser.add_argument("--seconds", type=float, default=20.0, help="how long requests keep arriving, per rate")
+    parser.add_argument("--max-tokens", type=int, nargs="+", default=[16, 64, 128])
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rt = init_runtime("cpu", "auto")
+    engine, name = load_engine(ModelSource(run=args.run, runtime=DeviceConfig(device="cpu")), rt)
+    rows = []
+    for rate in args.rates:
+        requests = schedule(rate, args.seconds, args.max_tokens, args.seed)
+        for batching in ("static", "continuous"):
+            app = create_app(engine, name, max_queue=10_000, max_batch=args.max_batch, batching=batching)
+            with serving(app) as base:
+                results, wall = asyncio.run(load(base, requests, args.timeout))
+            done = [r for r in results if r.ok]
+            ttft = [r.ttft for r in done if r.ttft is not None]
+            gaps = [g for r in done for g in r.gaps]
+            rows.append((rate, batching, len(requests), len(done), sum(r.tokens for r in done) / wall,
+                         pct(ttft, 0.5), pct(ttft, 0.99), pct(gaps, 0.5), pct(gaps, 0.99)))
+            print(f"rate {rate:g}/s, {batching}: {len(done)}/{len(requests)} completed", flush=True)
+    print(f"\nnanochat serve, {name}, CPU, one worker, --max-batch {args.max_batch}; {args.seconds:g} s of Poisson "
+          f"arrivals per rate, max_tokens from {args.max_tokens}\n")
+    print("| rate (req/s) | batching | completed | completion tok/s | TTFT p50 (s) | TTFT p99 (s) | ITL p50 (ms) "
+          "| ITL p99 (ms) | throughput vs static |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    static = {row[0]: row[4] for row in rows if row[1] == "static"}
+    for rate, batching, sent, done, tps, t50, t99, i50, i99 in rows:
+        print(f"| {rate:g} | {batching} | {done}/{sent} | {tps:.1f} | {t50:.2f} | {t99:.2f} | {1000 * i50:.0f} | "
+              f"{1000 * i99:.0f} | {tps / static[rate]:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,7 @@ import httpx2
 import openai
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 from nanochat.chat_format import render_for_completion
@@ -460,3 +461,23 @@ def test_stop_strings_end_the_reply_before_them(model, stream):
         assert ask(client, stop="zebra", max_tokens=3)[1] == "length"
         error = assert_openai_error(client.post(CHAT, json=request(stop=["a", "b", "c", "d", "e"])), 400)
         assert error["param"] == "stop"
+
+
+def test_metrics_parse_as_prometheus_and_count_what_happened(model):
+    engine, _ = scripted(model, "Hello there, the cat sat.")
+    with serving(create_app(engine, "metered", api_key=KEY)) as base, \
+            httpx2.Client(base_url=base, timeout=WAIT_S, headers=AUTH) as client:
+        replies = [client.post(CHAT, json=request(max_tokens=m)).json() for m in (3, 40)]
+        with client.stream("POST", CHAT, json=request(stream=True, max_tokens=5)) as response:
+            assert read_events(response)[-1] == "[DONE]"
+        assert_openai_error(client.post(CHAT, json=request(max_tokens=0)), 400)
+        exposition = httpx2.get(base + "/metrics").text  # no API key needed, like /health
+    families = {f.name: f for f in text_string_to_metric_families(exposition)}
+    value = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert value[("nanochat_requests_total", (("status", "200"),))] == 3
+    assert value[("nanochat_requests_total", (("status", "400"),))] == 1
+    assert value[("nanochat_completion_tokens_total", ())] == sum(r["usage"]["completion_tokens"] for r in replies) + 5
+    assert value[("nanochat_prompt_tokens_total", ())] == 3 * replies[0]["usage"]["prompt_tokens"]
+    assert value[("nanochat_time_to_first_token_seconds_count", ())] == 3
+    assert value[("nanochat_inter_token_latency_seconds_count", ())] > 0
+    assert value[("nanochat_queue_length", ())] == 0 and value[("nanochat_running_batch_size", ())] == 0

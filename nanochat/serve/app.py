@@ -1,9 +1,9 @@
 """`nanochat serve`: the web chat page at / and an OpenAI-compatible API at /v1.
 
 Endpoints: POST /v1/chat/completions (streamed as server-sent events or not), GET /v1/models,
-GET /health. Requests are validated before they reach a worker (workers.py): a request becomes
-a prompt (the chat format's render_for_completion) and one `Sampling`, which goes unchanged through
-the job queue to Engine.generate. Every error is answered in OpenAI's shape,
+GET /health, GET /metrics (Prometheus). Requests are validated before they reach a worker
+(workers.py): a request becomes a prompt (the chat format's render_for_completion) and one
+`Sampling`, which goes unchanged through the job queue to the engine. Every error is answered in OpenAI's shape,
 {"error": {"message", "type", "param", "code"}}, so OpenAI clients show it as they would show
 OpenAI's own. The command's options are config.ServeConfig.
 """
@@ -26,8 +26,9 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
@@ -35,6 +36,7 @@ from nanochat.chat_format import render_for_completion
 from nanochat.config import ServeConfig, parse_config
 from nanochat.engine import Engine, Sampling, load_engine
 from nanochat.runtime import init_runtime
+from nanochat.serve.metrics import CountStatus, ServerMetrics
 from nanochat.serve.workers import Finished, GenerationFailed, Job, Overloaded, WorkerPool
 from nanochat.tokenizer import Tokenizer, TokenizerError
 
@@ -226,16 +228,25 @@ class StopText:
         return tail
 
 
-async def _reply_text(pool: WorkerPool, job: Job, stops: Sequence[str]) -> AsyncIterator[str]:
+async def _reply_text(pool: WorkerPool, job: Job, stops: Sequence[str], metrics: ServerMetrics,
+                      arrived: float) -> AsyncIterator[str]:
     """The job's text with `stops` applied. At a stop string the job is cancelled (its slot freed
-    at the next step) and its end still awaited, so `job.result` counts what was generated."""
-    text = StopText(stops)
+    at the next step) and its end still awaited, so `job.result` counts what was generated. Records
+    the time to first token, the gaps between pieces and the completion tokens."""
+    text, last = StopText(stops), None
     async for piece in job.pieces():
+        now = time.perf_counter()
+        if last is None:
+            metrics.ttft.observe(now - arrived)
+        else:
+            metrics.itl.observe(now - last)
+        last = now
         shown = text.feed(piece)
         if shown:
             yield shown
         if text.stopped:
             pool.cancel(job)
+    metrics.completion_tokens.inc(job.result.completion_tokens)
     tail = text.flush()
     if tail:
         yield tail
@@ -325,6 +336,8 @@ def create_app(engines: Engine | Sequence[Engine], model_name: str, *, api_key: 
 
     app = FastAPI(title="nanochat", summary="OpenAI-compatible chat API", lifespan=lifespan)
     app.state.pool = pool
+    metrics = ServerMetrics(pool.stats)
+    app.add_middleware(CountStatus, metrics=metrics)
     if api_key:
         app.add_middleware(RequireApiKey, key=api_key)
     _add_error_handlers(app)
@@ -340,6 +353,10 @@ def create_app(engines: Engine | Sequence[Engine], model_name: str, *, api_key: 
     async def health() -> dict:
         return {"status": "ok", "model": model_name, **pool.stats()}
 
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/v1/models")
     async def list_models() -> dict:
         return {"object": "list", "data": [card]}
@@ -353,17 +370,20 @@ def create_app(engines: Engine | Sequence[Engine], model_name: str, *, api_key: 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
+        arrived = time.perf_counter()
         prompt, sampling = _prepare(req, tok, context)
         try:
             job = pool.submit(prompt, sampling)
         except Overloaded as e:
             raise ApiError(503, f"server overloaded: {e}", type="server_error", code="overloaded") from None
+        metrics.prompt_tokens.inc(len(prompt))
         reply = Reply(model_name, len(prompt))
+        pieces = _reply_text(pool, job, req.stop, metrics, arrived)
         if req.stream:
             include_usage = req.stream_options is not None and req.stream_options.include_usage
-            return JobStream(pool, job, _events(_reply_text(pool, job, req.stop), job, reply, include_usage))
+            return JobStream(pool, job, _events(pieces, job, reply, include_usage))
         try:
-            text = "".join([piece async for piece in _reply_text(pool, job, req.stop)])
+            text = "".join([piece async for piece in pieces])
         except GenerationFailed as e:
             raise ApiError(500, str(e), type="server_error") from None
         finally:

@@ -16,6 +16,7 @@ inference never imports the training package.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -229,20 +230,26 @@ class ContinuousBatch:
         return len(prompt) + sampling.max_tokens <= self.max_len
 
     @torch.inference_mode()
-    def admit(self, prompt: list[int], sampling: Sampling) -> int:
-        """Prefill `prompt` alone and give it a free slot; returns the slot."""
+    def admit(self, prompt: list[int], sampling: Sampling, copies: int = 1) -> list[int]:
+        """Prefill `prompt` alone, once, and give it `copies` free slots (several completions of one
+        prompt; copy i samples with seed + i, so copy 0 is the single completion); returns the slots."""
         if not self.fits(prompt, sampling):
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({sampling.max_tokens}) exceeds the "
                              f"batch's {self.max_len} positions")
-        slot = self.rows.index(None)
+        if copies > self.free:
+            raise ValueError(f"{copies} completions need {copies} free slots; {self.free} are free")
         engine, rt = self.engine, self.engine.rt
         prefill = engine.model.new_kv_cache(1, len(prompt), dtype=self.dtype)
         with rt.autocast():
-            self.logits[slot] = engine.model(torch.tensor([prompt], device=rt.device), kv_cache=prefill)[:, -1]
-        self.cache.fill(slot, prefill, prompt[-1])
-        self.rows[slot], self.sampling[slot] = _Row(left=sampling.max_tokens), sampling
-        self.generators[slot] = torch.Generator(device=rt.device).manual_seed(sampling.seed)
-        return slot
+            logits = engine.model(torch.tensor([prompt], device=rt.device), kv_cache=prefill)[:, -1]
+        slots = [i for i, row in enumerate(self.rows) if row is None][:copies]
+        for i, slot in enumerate(slots):
+            self.cache.fill(slot, prefill, prompt[-1])
+            self.logits[slot] = logits
+            self.rows[slot] = _Row(left=sampling.max_tokens)
+            self.sampling[slot] = dataclasses.replace(sampling, seed=sampling.seed + i)
+            self.generators[slot] = torch.Generator(device=rt.device).manual_seed(sampling.seed + i)
+        return slots
 
     def release(self, slot: int) -> None:
         """Free a slot (its sequence finished, or nobody wants the rest)."""

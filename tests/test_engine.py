@@ -244,7 +244,7 @@ def drive(batch: ContinuousBatch, prompts, settings, admit_every: int) -> tuple[
     while waiting or batch.running:
         if waiting and batch.free and (step % admit_every == 0 or not batch.running):
             i = waiting.pop(0)
-            slot_of[batch.admit(prompts[i], settings[i])] = i
+            slot_of[batch.admit(prompts[i], settings[i])[0]] = i
         running.append(batch.running)
         for slot, token, _ in batch.step():
             out[slot_of[slot]].append(token)
@@ -283,7 +283,7 @@ def test_continuous_batch_forces_tool_results_and_frees_finished_slots(tok):
             return types.SimpleNamespace(fill=lambda *args: None, active=None)
 
     batch = ContinuousBatch(Engine(Stand(script, tok.vocab_size), tok, RT), slots=2)
-    slot = batch.admit([tok.bos_id], Sampling(max_tokens=40))
+    (slot,) = batch.admit([tok.bos_id], Sampling(max_tokens=40))
     tokens = []
     while batch.running:
         tokens += [token for _, token, _ in batch.step()]

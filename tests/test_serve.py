@@ -190,7 +190,8 @@ def _bad_requests() -> list[tuple[str, bytes | str | dict, str]]:
         ("top_k zero", {"messages": [user], "top_k": 0}, "top_k"),
         ("max_tokens zero", {"messages": [user], "max_tokens": 0}, "max_tokens"),
         ("max_tokens text", {"messages": [user], "max_tokens": "many"}, "max_tokens"),
-        ("n", {"messages": [user], "n": 2}, "n must be 1"),
+        ("n", {"messages": [user], "n": 0}, "greater than or equal to 1"),
+        ("n over the batch", {"messages": [user], "n": 9}, "--max-batch"),
         ("seed", {"messages": [user], "seed": "abc"}, "seed"),
     ]
 
@@ -481,3 +482,35 @@ def test_metrics_parse_as_prometheus_and_count_what_happened(model):
     assert value[("nanochat_time_to_first_token_seconds_count", ())] == 3
     assert value[("nanochat_inter_token_latency_seconds_count", ())] > 0
     assert value[("nanochat_queue_length", ())] == 0 and value[("nanochat_running_batch_size", ())] == 0
+
+
+def test_n_choices_share_one_prefill_and_each_is_its_seeds_reply(model):
+    engine, _ = model
+    prefills: list[int] = []
+    hook = engine.model.register_forward_pre_hook(
+        lambda _m, args: prefills.append(args[0].size(0)) if args[0].size(1) > 1 else None)
+    try:
+        with serving(create_app(engine, "choices")) as base, httpx2.Client(base_url=base, timeout=WAIT_S) as client:
+            body = request(max_tokens=12, temperature=0.9, seed=40)
+            prefills.clear()
+            three = client.post(CHAT, json={**body, "n": 3}).json()
+            assert prefills == [1]  # one pass over the prompt for all three choices
+            alone = [client.post(CHAT, json={**body, "seed": 40 + i}).json() for i in range(3)]
+            with client.stream("POST", CHAT, json={**body, "n": 3, "stream": True,
+                                                   "stream_options": {"include_usage": True}}) as response:
+                chunks = [json.loads(e) for e in read_events(response)[:-1]]
+    finally:
+        hook.remove()
+    assert [c["index"] for c in three["choices"]] == [0, 1, 2]
+    assert [c["message"]["content"] for c in three["choices"]] == \
+        [a["choices"][0]["message"]["content"] for a in alone]
+    assert len({c["message"]["content"] for c in three["choices"]}) > 1  # different seeds, different replies
+    assert [c["finish_reason"] for c in three["choices"]] == [a["choices"][0]["finish_reason"] for a in alone]
+    assert three["usage"]["completion_tokens"] == sum(a["usage"]["completion_tokens"] for a in alone)
+    streamed = {i: "".join(c["choices"][0]["delta"].get("content", "") for c in chunks
+                           if c["choices"] and c["choices"][0]["index"] == i) for i in range(3)}
+    assert [streamed[i] for i in range(3)] == [c["message"]["content"] for c in three["choices"]]
+    ends = {c["choices"][0]["index"]: c["choices"][0]["finish_reason"] for c in chunks
+            if c["choices"] and c["choices"][0]["finish_reason"]}
+    assert ends == {i: c["finish_reason"] for i, c in enumerate(three["choices"])}
+    assert chunks[-1]["usage"] == three["usage"]

@@ -83,8 +83,9 @@ class ChatRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)
-    n: int | None = None
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    n: int | None = Field(None, ge=1, le=64)
+    """Choices of the one prompt, sharing its prefill (continuous batching; at most --max-batch)."""
+    seed: int | None = Field(None, ge=0, lt=2**63 - 64)
     stop: str | list[str] | None = None
     """Up to 4 strings; the reply ends before the first of them and never contains it."""
 
@@ -97,13 +98,6 @@ class ChatRequest(BaseModel):
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
         return stops
-
-    @field_validator("n")
-    @classmethod
-    def one_choice(cls, n):
-        if n not in (None, 1):
-            raise ValueError(f"this server writes one completion per request: n must be 1 (got {n})")
-        return n
 
     @model_validator(mode="after")
     def total_size(self):
@@ -184,21 +178,24 @@ class Reply:
     def _head(self, object: str) -> dict:
         return {"id": self.id, "object": object, "created": self.created, "model": self.model}
 
-    def usage(self, result: Finished) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": result.completion_tokens,
-                "total_tokens": self.prompt_tokens + result.completion_tokens}
+    def usage(self, results: Sequence[Finished]) -> dict:
+        """Token counts, the completion tokens of every choice together."""
+        completion = sum(r.completion_tokens for r in results)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
 
-    def completion(self, text: str, result: Finished) -> dict:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": result.reason}
-        return {**self._head("chat.completion"), "choices": [choice], "usage": self.usage(result)}
+    def completion(self, texts: Sequence[str], results: Sequence[Finished]) -> dict:
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": result.reason}
+                   for i, (text, result) in enumerate(zip(texts, results, strict=True))]
+        return {**self._head("chat.completion"), "choices": choices, "usage": self.usage(results)}
 
-    def chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def chunk(self, delta: dict, finish_reason: str | None = None, index: int = 0) -> dict:
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return {**self._head("chat.completion.chunk"), "choices": [choice]}
 
-    def usage_chunk(self, result: Finished) -> dict:
-        return {**self._head("chat.completion.chunk"), "choices": [], "usage": self.usage(result)}
+    def usage_chunk(self, results: Sequence[Finished]) -> dict:
+        return {**self._head("chat.completion.chunk"), "choices": [], "usage": self.usage(results)}
 
 
 class StopText:
@@ -228,48 +225,59 @@ class StopText:
         return tail
 
 
-async def _reply_text(pool: WorkerPool, job: Job, stops: Sequence[str], metrics: ServerMetrics,
-                      arrived: float) -> AsyncIterator[str]:
-    """The job's text with `stops` applied. At a stop string the job is cancelled (its slot freed
-    at the next step) and its end still awaited, so `job.result` counts what was generated. Records
-    the time to first token, the gaps between pieces and the completion tokens."""
-    text, last = StopText(stops), None
-    async for piece in job.pieces():
+async def _reply_events(pool: WorkerPool, job: Job, stops: Sequence[str], metrics: ServerMetrics,
+                        arrived: float) -> AsyncIterator[tuple[int, str | Finished]]:
+    """(choice, text) as each reply is written, with `stops` applied, then (choice, how it finished).
+    At a stop string that choice is stopped (its slot freed at the next step) and its end still
+    awaited, so its token count is what was generated. Records the time to first token, the gaps
+    between pieces and the completion tokens."""
+    texts, last = [StopText(stops) for _ in range(job.n)], None
+    async for item in job.events():
+        if isinstance(item, Finished):
+            i, text = item.index, texts[item.index]
+            tail = text.flush()
+            if tail:
+                yield i, tail
+            metrics.completion_tokens.inc(item.completion_tokens)
+            job.results[i] = Finished("stop", item.completion_tokens, i) if text.stopped else item
+            yield i, job.results[i]
+            continue
+        i, piece = item
         now = time.perf_counter()
         if last is None:
             metrics.ttft.observe(now - arrived)
         else:
             metrics.itl.observe(now - last)
         last = now
-        shown = text.feed(piece)
+        was_stopped = texts[i].stopped
+        shown = texts[i].feed(piece)
         if shown:
-            yield shown
-        if text.stopped:
-            pool.cancel(job)
-    metrics.completion_tokens.inc(job.result.completion_tokens)
-    tail = text.flush()
-    if tail:
-        yield tail
-    if text.stopped:
-        job.result = Finished("stop", job.result.completion_tokens)
+            yield i, shown
+        if texts[i].stopped and not was_stopped:
+            if job.n == 1:
+                pool.cancel(job)
+            else:
+                job.stopped.add(i)
 
 
 def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _events(pieces: AsyncIterator[str], job: Job, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
-    """The chunks of a streamed completion: the role, the text piece by piece, the finish reason."""
-    yield _sse(reply.chunk({"role": "assistant", "content": ""}))
+async def _events(events: AsyncIterator[tuple[int, str | Finished]], job: Job, reply: Reply,
+                  include_usage: bool) -> AsyncIterator[str]:
+    """The chunks of a streamed completion: each choice's role, its text piece by piece, its finish reason."""
+    for i in range(job.n):
+        yield _sse(reply.chunk({"role": "assistant", "content": ""}, index=i))
     try:
-        async for piece in pieces:
-            yield _sse(reply.chunk({"content": piece}))
+        async for i, item in events:
+            yield _sse(reply.chunk({"content": item}, index=i) if isinstance(item, str)
+                       else reply.chunk({}, item.reason, index=i))
     except GenerationFailed as e:  # the status line is long gone: report it in the stream, as OpenAI does
         yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
         return
-    yield _sse(reply.chunk({}, job.result.reason))
     if include_usage:
-        yield _sse(reply.usage_chunk(job.result))
+        yield _sse(reply.usage_chunk(job.results))
     yield _sse("[DONE]")
 
 
@@ -373,22 +381,27 @@ def create_app(engines: Engine | Sequence[Engine], model_name: str, *, api_key: 
         arrived = time.perf_counter()
         prompt, sampling = _prepare(req, tok, context)
         try:
-            job = pool.submit(prompt, sampling)
+            job = pool.submit(prompt, sampling, req.n or 1)
         except Overloaded as e:
             raise ApiError(503, f"server overloaded: {e}", type="server_error", code="overloaded") from None
+        except ValueError as e:
+            raise ApiError(400, f"n: {e}", param="n") from None
         metrics.prompt_tokens.inc(len(prompt))
         reply = Reply(model_name, len(prompt))
-        pieces = _reply_text(pool, job, req.stop, metrics, arrived)
+        events = _reply_events(pool, job, req.stop, metrics, arrived)
         if req.stream:
             include_usage = req.stream_options is not None and req.stream_options.include_usage
-            return JobStream(pool, job, _events(pieces, job, reply, include_usage))
+            return JobStream(pool, job, _events(events, job, reply, include_usage))
+        texts = [""] * job.n
         try:
-            text = "".join([piece async for piece in pieces])
+            async for i, item in events:
+                if isinstance(item, str):
+                    texts[i] += item
         except GenerationFailed as e:
             raise ApiError(500, str(e), type="server_error") from None
         finally:
             pool.cancel(job)  # a no-op once finished; frees the worker if this request was abandoned
-        return reply.completion(text, job.result)
+        return reply.completion(texts, job.results)
 
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")

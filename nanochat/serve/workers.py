@@ -44,37 +44,52 @@ class GenerationFailed(Exception):
 
 @dataclass(frozen=True)
 class Finished:
-    reason: str  # "stop" (the model ended its turn) or "length" (max_tokens ran out)
+    reason: str  # "stop" (the model ended its turn, or a stop string came) or "length" (max_tokens ran out)
     completion_tokens: int
+    index: int = 0  # which choice of the job
 
 
 class Job:
-    """One reply to write: the prompt, how to sample it, and the way back to the event loop that
-    waits for it."""
+    """One request to answer: the prompt, how to sample it, how many choices (`n`, continuous
+    batching: they share the prompt's prefill; choice i samples with seed + i), and the way back to
+    the event loop that waits for it."""
 
-    def __init__(self, prompt: list[int], sampling: Sampling, loop: asyncio.AbstractEventLoop):
-        self.prompt, self.sampling = prompt, sampling
+    def __init__(self, prompt: list[int], sampling: Sampling, loop: asyncio.AbstractEventLoop, n: int = 1):
+        self.prompt, self.sampling, self.n = prompt, sampling, n
         self.cancelled = threading.Event()
+        self.stopped: set[int] = set()  # choices the client needs no more of (a stop string came)
         self.state = "waiting"  # -> "running" -> "done"; guarded by the pool's lock
-        self.result: Finished | None = None
+        self.results: list[Finished | None] = [None] * n
         self._loop, self._events = loop, asyncio.Queue()
 
-    def emit(self, item: str | Finished | GenerationFailed) -> None:
-        """Hand an item to the event loop (called from the worker thread)."""
+    @property
+    def result(self) -> Finished | None:
+        """How the (first) choice finished; with several, `results` has one per choice."""
+        return self.results[0]
+
+    @result.setter
+    def result(self, value: Finished) -> None:
+        self.results[value.index] = value
+
+    def emit(self, item: tuple[int, str] | Finished | GenerationFailed) -> None:
+        """Hand an item to the event loop (called from the worker thread): (choice, text), a choice's end,
+        or the failure of the whole job."""
         try:
             self._loop.call_soon_threadsafe(self._events.put_nowait, item)
         except RuntimeError:  # the loop is closed: the server stopped, nobody is listening
             self.cancelled.set()
 
-    async def pieces(self) -> AsyncIterator[str]:
-        """The reply's text as it is written; afterwards `result` says how it finished."""
-        while True:
+    async def events(self) -> AsyncIterator[tuple[int, str] | Finished]:
+        """(choice, text) as the replies are written and each choice's Finished, until all have
+        finished; raises GenerationFailed if the job failed."""
+        done = 0
+        while done < self.n:
             item = await self._events.get()
             if isinstance(item, GenerationFailed):
                 raise item
             if isinstance(item, Finished):
-                self.result = item
-                return
+                self.results[item.index] = item
+                done += 1
             yield item
 
 
@@ -109,9 +124,12 @@ class WorkerPool:
             return {"workers": len(self.engines), "max_batch": self.max_batch, "busy": self._busy,
                     "waiting": self._waiting, "max_queue": self.max_queue}
 
-    def submit(self, prompt: list[int], sampling: Sampling) -> Job:
-        """Queue a job (call from the event loop), or raise Overloaded when there is no room."""
-        job = Job(prompt, sampling, asyncio.get_running_loop())
+    def submit(self, prompt: list[int], sampling: Sampling, n: int = 1) -> Job:
+        """Queue a job of `n` choices (call from the event loop), or raise Overloaded when there is no room."""
+        if n > 1 and (self.batching != "continuous" or n > self.max_batch):
+            raise ValueError(f"n = {n} needs continuous batching with --max-batch ≥ n (here: {self.batching}, "
+                             f"--max-batch {self.max_batch})")
+        job = Job(prompt, sampling, asyncio.get_running_loop(), n)
         with self._lock:
             idle_workers = len(self.engines) - self._busy_workers
             if self._waiting >= self.max_queue + idle_workers:
@@ -178,48 +196,71 @@ class WorkerPool:
         if engine.rt.device.type == "cuda":
             torch.cuda.set_device(engine.rt.device)
         batch = ContinuousBatch(engine, self.max_batch)
-        running: dict[int, tuple[Job, ReplyText]] = {}  # slot -> its job and the reply's text so far
+        running: dict[int, tuple[Job, int, ReplyText]] = {}  # slot -> its job, choice and the text so far
+        left: dict[Job, int] = {}  # choices of each running job still being written
+        held: Job | None = None  # taken from the queue, waiting for enough free slots for its choices
         stopping = busy = False
-        while running or not stopping:
-            while batch.free and not stopping:  # admit: block for a job only when nothing is running
+
+        def end_choice(slot: int, outcome: Finished) -> None:
+            job = running.pop(slot)[0]
+            batch.release(slot)
+            if left[job] > 1:
+                job.emit(outcome)
+            else:
+                self._finish(job, outcome)  # the job's last choice: its place frees
+            left[job] -= 1
+            if not left[job]:
+                del left[job]
+
+        while running or held or not stopping:
+            while not stopping or held:  # admit: block for a job only when nothing is running
                 try:
-                    job = self._jobs.get_nowait() if running else self._jobs.get()
+                    job = held or (self._jobs.get_nowait() if running else self._jobs.get())
                 except queue.Empty:
                     break
                 if job is None:
                     stopping = True
-                elif self._take(job):
-                    if not busy:
-                        busy = True
-                        with self._lock:
-                            self._busy_workers += 1
-                    try:
-                        running[batch.admit(job.prompt, job.sampling)] = (job, ReplyText(engine.tok))
-                    except Exception as e:
-                        log.exception("prefill failed")
-                        self._finish(job, GenerationFailed(f"generation failed: {type(e).__name__}: {e}"))
-            for slot, (job, text) in list(running.items()):
-                if job.cancelled.is_set():  # its client went away: free the slot now
-                    batch.release(slot)
-                    del running[slot]
-                    self._finish(job, Finished(text.finish_reason, len(text.tokens)))
+                    continue
+                if job.n > batch.free:
+                    held = job
+                    break
+                held = None
+                if not self._take(job):
+                    continue
+                if not busy:
+                    busy = True
+                    with self._lock:
+                        self._busy_workers += 1
+                try:
+                    slots = batch.admit(job.prompt, job.sampling, copies=job.n)
+                except Exception as e:
+                    log.exception("prefill failed")
+                    self._finish(job, GenerationFailed(f"generation failed: {type(e).__name__}: {e}"))
+                    continue
+                left[job] = job.n
+                for i, slot in enumerate(slots):
+                    running[slot] = (job, i, ReplyText(engine.tok))
+            for slot, (job, i, text) in list(running.items()):
+                if job.cancelled.is_set() or i in job.stopped:  # nobody wants the rest: free the slot now
+                    end_choice(slot, Finished(text.finish_reason, len(text.tokens), i))
             try:
                 steps = batch.step() if running else []
             except Exception as e:
                 log.exception("generation failed")
-                for slot, (job, _) in running.items():
+                for slot, (job, _, _) in list(running.items()):
                     batch.release(slot)
-                    self._finish(job, GenerationFailed(f"generation failed: {type(e).__name__}: {e}"))
+                    if job in left:
+                        del left[job]
+                        self._finish(job, GenerationFailed(f"generation failed: {type(e).__name__}: {e}"))
                 running.clear()
                 steps = []
             for slot, token, done in steps:
-                job, text = running[slot]
+                job, i, text = running[slot]
                 piece = text.feed(token) + (text.flush() if done else "")
                 if piece:
-                    job.emit(piece)
+                    job.emit((i, piece))
                 if done:
-                    del running[slot]
-                    self._finish(job, Finished(text.finish_reason, len(text.tokens)))
+                    end_choice(slot, Finished(text.finish_reason, len(text.tokens), i))
             if busy and not running:
                 busy = False
                 with self._lock:
@@ -248,7 +289,7 @@ class WorkerPool:
                         if ended:
                             piece += text.flush()
                         if piece:
-                            job.emit(piece)
+                            job.emit((0, piece))
                         if not ended:
                             continue
                     live.discard(i)

@@ -229,27 +229,41 @@ class ContinuousBatch:
     def fits(self, prompt: list[int], sampling: Sampling) -> bool:
         return len(prompt) + sampling.max_tokens <= self.max_len
 
-    @torch.inference_mode()
     def admit(self, prompt: list[int], sampling: Sampling, copies: int = 1) -> list[int]:
-        """Prefill `prompt` alone, once, and give it `copies` free slots (several completions of one
-        prompt; copy i samples with seed + i, so copy 0 is the single completion); returns the slots."""
-        if not self.fits(prompt, sampling):
-            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({sampling.max_tokens}) exceeds the "
-                             f"batch's {self.max_len} positions")
-        if copies > self.free:
-            raise ValueError(f"{copies} completions need {copies} free slots; {self.free} are free")
+        """Prefill `prompt` and give it `copies` free slots (several completions of one prompt; copy i
+        samples with seed + i, so copy 0 is the single completion); returns the slots."""
+        return self.admit_many([(prompt, sampling, copies)])[0]
+
+    @torch.inference_mode()
+    def admit_many(self, requests: Sequence[tuple[list[int], Sampling, int]]) -> list[list[int]]:
+        """Admit several (prompt, sampling, copies) at once: their prompts are prefilled together in
+        one forward pass (left-padded, each row at its own positions), then each takes its slots."""
+        for prompt, sampling, _ in requests:
+            if not self.fits(prompt, sampling):
+                raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({sampling.max_tokens}) exceeds the "
+                                 f"batch's {self.max_len} positions")
+        wanted = sum(copies for _, _, copies in requests)
+        if wanted > self.free:
+            raise ValueError(f"{wanted} completions need {wanted} free slots; {self.free} are free")
         engine, rt = self.engine, self.engine.rt
-        prefill = engine.model.new_kv_cache(1, len(prompt), dtype=self.dtype)
-        with rt.autocast():
-            logits = engine.model(torch.tensor([prompt], device=rt.device), kv_cache=prefill)[:, -1]
-        slots = [i for i, row in enumerate(self.rows) if row is None][:copies]
-        for i, slot in enumerate(slots):
-            self.cache.fill(slot, prefill, prompt[-1])
-            self.logits[slot] = logits
-            self.rows[slot] = _Row(left=sampling.max_tokens)
-            self.sampling[slot] = dataclasses.replace(sampling, seed=sampling.seed + i)
-            self.generators[slot] = torch.Generator(device=rt.device).manual_seed(sampling.seed + i)
-        return slots
+        width = max(len(prompt) for prompt, _, _ in requests)
+        pad = torch.tensor([width - len(prompt) for prompt, _, _ in requests])
+        prefill = engine.model.new_kv_cache(len(requests), width, pad=pad, dtype=self.dtype)
+        idx = torch.tensor([[0] * (width - len(p)) + p for p, _, _ in requests], device=rt.device)
+        with eval_mode(engine.model), rt.autocast():
+            logits = engine.model(idx, kv_cache=prefill)[:, -1]
+        free = iter([i for i, row in enumerate(self.rows) if row is None])
+        out = []
+        for b, (prompt, sampling, copies) in enumerate(requests):
+            slots = [next(free) for _ in range(copies)]
+            for i, slot in enumerate(slots):
+                self.cache.fill(slot, prefill, b, prompt[-1])
+                self.logits[slot] = logits[b:b + 1]
+                self.rows[slot] = _Row(left=sampling.max_tokens)
+                self.sampling[slot] = dataclasses.replace(sampling, seed=sampling.seed + i)
+                self.generators[slot] = torch.Generator(device=rt.device).manual_seed(sampling.seed + i)
+            out.append(slots)
+        return out
 
     def release(self, slot: int) -> None:
         """Free a slot (its sequence finished, or nobody wants the rest)."""

@@ -232,7 +232,8 @@ class SlotCache:
     on its own (a KVCache of one row) and copied into a free slot (`fill`); then each forward pass
     decodes one token for the rows in `active` (the others are untouched). Positions count from
     each row's first token, and a row attends to its own slots only, so its logits are those of
-    its sequence run alone. Same interface as KVCache towards the model."""
+    its sequence run alone. Same interface as KVCache towards the model. Several prompts may be
+    prefilled together (a left-padded KVCache); each row is copied without its padding."""
 
     def __init__(self, n_layer: int, slots: int, n_kv_head: int, max_len: int, head_dim: int,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
@@ -244,13 +245,14 @@ class SlotCache:
         self.active = torch.zeros(0, dtype=torch.long, device=device)
         self.max_len = max_len
 
-    def fill(self, slot: int, prefilled: KVCache, last_token: int) -> None:
-        """Take over the one sequence a KVCache holds (no padding) into `slot`."""
-        n = prefilled.pos
+    def fill(self, slot: int, prefilled: KVCache, row: int, last_token: int) -> None:
+        """Take over the sequence in `row` of a prefilled KVCache (without its left padding) into `slot`."""
+        start = int(prefilled.pad[row])
+        n = prefilled.pos - start
         if n > self.max_len:
             raise NanochatError(f"a {n}-token sequence does not fit the slots' {self.max_len} positions")
-        self.k[:, slot, :, :n] = prefilled.k[:, 0, :, :n]
-        self.v[:, slot, :, :n] = prefilled.v[:, 0, :, :n]
+        self.k[:, slot, :, :n] = prefilled.k[:, row, :, start:prefilled.pos]
+        self.v[:, slot, :, :n] = prefilled.v[:, row, :, start:prefilled.pos]
         self.lengths[slot], self.tokens[slot] = n, last_token
 
     @property

@@ -271,6 +271,14 @@ def test_continuous_batching_gives_each_request_its_reply_alone(tok, parts):
     together, running = drive(ContinuousBatch(engine, slots=3), prompts, settings, admit_every=2)
     assert together == alone
     assert max(running) == 3 and running[0] == 1  # the slots filled up as requests came, and were reused
+    # several admitted at once share one (left-padded) prefill, and still write their own replies
+    batch = ContinuousBatch(engine, slots=len(prompts))
+    slots = batch.admit_many([(p, s, 1) for p, s in zip(prompts, settings, strict=True)])
+    got = {slot: [] for (slot,) in slots}
+    while batch.running:
+        for slot, token, _ in batch.step():
+            got[slot].append(token)
+    assert [got[slot] for (slot,) in slots] == alone
 
 
 def test_continuous_batch_forces_tool_results_and_frees_finished_slots(tok):

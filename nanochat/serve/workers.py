@@ -213,33 +213,37 @@ class WorkerPool:
                 del left[job]
 
         while running or held or not stopping:
-            while not stopping or held:  # admit: block for a job only when nothing is running
+            admitting: list[Job] = []  # jobs taken now: prefilled together, in one forward pass
+            while not stopping or held:  # block for a job only when nothing is running or admitted
                 try:
-                    job = held or (self._jobs.get_nowait() if running else self._jobs.get())
+                    job = held or (self._jobs.get_nowait() if running or admitting else self._jobs.get())
                 except queue.Empty:
                     break
                 if job is None:
                     stopping = True
                     continue
-                if job.n > batch.free:
+                if job.n > batch.free - sum(j.n for j in admitting):
                     held = job
                     break
                 held = None
-                if not self._take(job):
-                    continue
+                if self._take(job):
+                    admitting.append(job)
+            if admitting:
                 if not busy:
                     busy = True
                     with self._lock:
                         self._busy_workers += 1
                 try:
-                    slots = batch.admit(job.prompt, job.sampling, copies=job.n)
+                    slots = batch.admit_many([(job.prompt, job.sampling, job.n) for job in admitting])
                 except Exception as e:
                     log.exception("prefill failed")
-                    self._finish(job, GenerationFailed(f"generation failed: {type(e).__name__}: {e}"))
-                    continue
-                left[job] = job.n
-                for i, slot in enumerate(slots):
-                    running[slot] = (job, i, ReplyText(engine.tok))
+                    for job in admitting:
+                        self._finish(job, GenerationFailed(f"generation failed: {type(e).__name__}: {e}"))
+                else:
+                    for job, job_slots in zip(admitting, slots, strict=True):
+                        left[job] = job.n
+                        for i, slot in enumerate(job_slots):
+                            running[slot] = (job, i, ReplyText(engine.tok))
             for slot, (job, i, text) in list(running.items()):
                 if job.cancelled.is_set() or i in job.stopped:  # nobody wants the rest: free the slot now
                     end_choice(slot, Finished(text.finish_reason, len(text.tokens), i))

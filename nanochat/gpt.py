@@ -242,8 +242,19 @@ class SlotCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
         self.tokens = torch.zeros(slots, dtype=torch.long, device=device)  # each row's last token
-        self.active = torch.zeros(0, dtype=torch.long, device=device)
         self.max_len = max_len
+        self.active = torch.zeros(0, dtype=torch.long, device=device)
+
+    @property
+    def active(self) -> torch.Tensor:
+        """The slots the next forward pass decodes for, in the order of its rows."""
+        return self._active
+
+    @active.setter
+    def active(self, slots: torch.Tensor) -> None:
+        self._active = slots
+        every = len(slots) == self.k.size(1) and bool((slots == torch.arange(len(slots), device=slots.device)).all())
+        self._read = slice(None) if every else slots  # every slot in order: read the cache as a view, no copy
 
     def fill(self, slot: int, prefilled: KVCache, row: int, last_token: int) -> None:
         """Take over the sequence in `row` of a prefilled KVCache (without its left padding) into `slot`."""
@@ -282,7 +293,7 @@ class SlotCache:
         end = int(lengths.max()) + 1
         if layer == self.k.size(0) - 1:
             self.lengths[rows] += 1
-        return self.k[layer, rows, :, :end], self.v[layer, rows, :, :end]
+        return self.k[layer, self._read, :, :end], self.v[layer, self._read, :, :end]
 
 
 class CausalSelfAttention(nn.Module):

@@ -514,3 +514,12 @@ def test_n_choices_share_one_prefill_and_each_is_its_seeds_reply(model):
             if c["choices"] and c["choices"][0]["finish_reason"]}
     assert ends == {i: c["finish_reason"] for i, c in enumerate(three["choices"])}
     assert chunks[-1]["usage"] == three["usage"]
+
+
+def test_a_model_without_a_slot_cache_is_served_by_the_static_batcher(model, caplog):
+    engine, stand_in = scripted(model, "ok")
+    stand_in.new_slot_cache = None  # a stand-in that cannot keep per-row slots
+    with serving(create_app(engine, "no-slots")) as base, httpx2.Client(base_url=base, timeout=WAIT_S) as client:
+        reply = client.post(CHAT, json=request())
+    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == "ok"
+    assert "batching statically" in caplog.text

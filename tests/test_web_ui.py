@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import threading
+import types
 from pathlib import Path
 
 import pytest
@@ -215,6 +216,9 @@ class ScriptedChat(nn.Module):
 
     def new_kv_cache(self, batch, max_len, pad=None, dtype=None):
         return None
+
+    def new_slot_cache(self, slots, max_len, dtype=None):
+        return types.SimpleNamespace(fill=lambda *args: None, active=None)  # the script needs no cache
 
     def forward(self, idx, kv_cache=None):
         if idx.size(1) > 1:  # a prefill: a new request's prompt

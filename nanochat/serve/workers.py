@@ -195,7 +195,12 @@ class WorkerPool:
     def _work_continuous(self, engine: Engine) -> None:
         if engine.rt.device.type == "cuda":
             torch.cuda.set_device(engine.rt.device)
-        batch = ContinuousBatch(engine, self.max_batch)
+        try:
+            batch = ContinuousBatch(engine, self.max_batch)
+        except Exception:  # a model that cannot keep a slot cache is still served, by the static batcher
+            log.exception("continuous batching is not available for this model; batching statically")
+            self._work(engine)
+            return
         running: dict[int, tuple[Job, int, ReplyText]] = {}  # slot -> its job, choice and the text so far
         left: dict[Job, int] = {}  # choices of each running job still being written
         held: Job | None = None  # taken from the queue, waiting for enough free slots for its choices

@@ -72,6 +72,14 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
 
 
+def left_padded(prompts: Sequence[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts right-aligned in one (B, longest) id tensor, and each row's number of pad tokens
+    (what a KVCache needs to give every row its own positions)."""
+    width = max(map(len, prompts))
+    pad = torch.tensor([width - len(p) for p in prompts])
+    return torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device), pad
+
+
 class Engine:
     """Generation over one model and its tokenizer, on one runtime (device and autocast dtype)."""
 
@@ -138,8 +146,7 @@ class Engine:
         if width + budget > limit:
             raise ValueError(f"prompt ({width} tokens) + max_tokens ({budget}) exceeds the model's {limit} "
                              "positions")
-        pad = torch.tensor([width - len(p) for p in prompts])
-        idx = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=rt.device)
+        idx, pad = left_padded(prompts, rt.device)
         cache = model.new_kv_cache(len(prompts), width + budget, pad=pad, dtype=rt.autocast_dtype or torch.float32)
         generators = [torch.Generator(device=rt.device).manual_seed(s.seed) for s in settings[:1 if shared else None]]
         rows = [_Row(left=s.max_tokens) for s in settings]
@@ -246,10 +253,8 @@ class ContinuousBatch:
         if wanted > self.free:
             raise ValueError(f"{wanted} completions need {wanted} free slots; {self.free} are free")
         engine, rt = self.engine, self.engine.rt
-        width = max(len(prompt) for prompt, _, _ in requests)
-        pad = torch.tensor([width - len(prompt) for prompt, _, _ in requests])
-        prefill = engine.model.new_kv_cache(len(requests), width, pad=pad, dtype=self.dtype)
-        idx = torch.tensor([[0] * (width - len(p)) + p for p, _, _ in requests], device=rt.device)
+        idx, pad = left_padded([prompt for prompt, _, _ in requests], rt.device)
+        prefill = engine.model.new_kv_cache(len(requests), idx.size(1), pad=pad, dtype=self.dtype)
         with eval_mode(engine.model), rt.autocast():
             logits = engine.model(idx, kv_cache=prefill)[:, -1]
         free = iter([i for i, row in enumerate(self.rows) if row is None])

@@ -15,7 +15,7 @@ from nanochat.runs import STAGE_NAMES, find_model, latest, load_model
 from nanochat.runtime import init_runtime, teardown
 
 
-def model_card(model: GPT, name: str, path: Path, meta: dict, arch: str) -> str:
+def model_card(model: GPT, name: str, path: Path, arch: str) -> str:
     """README.md of an export: what the model is, how it was trained, its scores, how to load it."""
     run = name.split("/")[0]
     cfg = model.config
@@ -71,13 +71,13 @@ def cli(argv: list[str]) -> int:
     rt = init_runtime("cpu", "float32", seed=0)
     try:
         path, name = find_model(src.run, src.stage, src.checkpoint)
-        model, tok, meta = load_model(path, rt)
+        model, tok, _ = load_model(path, rt)
         suffix = ".gguf" if cfg.format == "gguf" else ""
         default = home() / "exports" / f"{name.replace('/', '-')}-{cfg.format}{suffix}"
         out = Path(cfg.out).expanduser() if cfg.out else default
         if cfg.format == "hf":
             arch = choose_arch(model.config, cfg.arch)
-            export_hf(model, tok, out, arch, card=model_card(model, name, path, meta, arch))
+            export_hf(model, tok, out, arch, card=model_card(model, name, path, arch))
             print(f"exported {name} ({path}) as a Hugging Face directory ({arch}) to {out}")
         else:
             export_gguf(model, tok, out)

@@ -62,15 +62,6 @@ class Job:
         self.results: list[Finished | None] = [None] * n
         self._loop, self._events = loop, asyncio.Queue()
 
-    @property
-    def result(self) -> Finished | None:
-        """How the (first) choice finished; with several, `results` has one per choice."""
-        return self.results[0]
-
-    @result.setter
-    def result(self, value: Finished) -> None:
-        self.results[value.index] = value
-
     def emit(self, item: tuple[int, str] | Finished | GenerationFailed) -> None:
         """Hand an item to the event loop (called from the worker thread): (choice, text), a choice's end,
         or the failure of the whole job."""

@@ -6,8 +6,8 @@ import sys
 import torch
 
 sys.path.insert(0, sys.argv[2])
+from _rl_step import fixed_step  # noqa: E402
 from _tiny_model import tiny_gpt  # noqa: E402
-from test_rl import fixed_step  # noqa: E402
 
 from nanochat.config import OptimConfig  # noqa: E402
 from nanochat.optim import build_optimizer  # noqa: E402

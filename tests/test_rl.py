@@ -10,7 +10,8 @@ import pyarrow as pa
 import pytest
 import torch
 from _hub_stub import stub_hub
-from _tiny_model import VOCAB, tiny_gpt
+from _rl_step import fixed_step
+from _tiny_model import tiny_gpt
 
 from nanochat.checkpoint import read_meta
 from nanochat.config import DeviceConfig, EvalConfig, OptimConfig, RLConfig
@@ -54,23 +55,6 @@ def test_loss_falls_only_on_the_tokens_the_model_sampled():
     forced = rollout_rows(prompts, [([7, 8, 99, 98, 11], rollouts[0][1]), rollouts[1]], [0.5, -1.5],
                           torch.device("cpu"))[1]
     assert torch.equal(forced, y)
-
-
-def fixed_step():
-    """8 completions of 2 questions (4 each): random tokens, some forced, advantages from random rewards."""
-    g = torch.Generator().manual_seed(5)
-    prompts, rollouts = [], []
-    for q in range(2):
-        prompt = torch.randint(0, VOCAB, (3 + q,), generator=g).tolist()
-        for _ in range(4):
-            n = int(torch.randint(3, 9, (1,), generator=g))
-            tokens = torch.randint(0, VOCAB, (n,), generator=g).tolist()
-            chosen = (torch.rand(n, generator=g) > 0.25).tolist()
-            prompts.append(prompt)
-            rollouts.append((tokens, chosen))
-    rewards = (torch.rand(2, 4, generator=g) > 0.5).float()
-    rewards[0, 0], rewards[0, 1] = 1.0, 0.0  # at least one group with something to learn
-    return prompts, rollouts, group_advantages(rewards).view(-1).tolist()
 
 
 def test_one_rl_step_on_two_ranks_equals_one_process(tmp_path):

@@ -18,5 +18,4 @@ loader = DataLoader(folder_source(sys.argv[1]), ByteTokenizer(), batch_size=2, s
 batches = [next(loader)[0] for _ in range(3)]
 torch.save(batches, f"{sys.argv[1]}/rank{rt.rank}.pt")
 loader.close()
-torch.distributed.barrier()  # every rank done before any takes its process group down
 teardown()

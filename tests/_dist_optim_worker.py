@@ -28,5 +28,4 @@ state_bytes = sum(t.numel() * t.element_size() for o in opt.optimizers for s in 
 torch.save(state_bytes, f"{sys.argv[1]}/state{rt.rank}.pt")
 if rt.rank == 0:
     torch.save(model.state_dict(), f"{sys.argv[1]}/sharded.pt")
-torch.distributed.barrier()  # every rank done before any takes its process group down
 teardown()

@@ -25,5 +25,4 @@ batch = rollout_rows(prompts[r::W], rollouts[r::W], advantages[r::W], rt.device)
 train_step(model, opt, iter([batch]), accum_steps=1, rt=rt)
 if rt.rank == 0:
     torch.save(model.state_dict(), f"{sys.argv[1]}/rl.pt")
-torch.distributed.barrier()  # both ranks done before either takes its process group down
 teardown()

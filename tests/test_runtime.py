@@ -61,6 +61,33 @@ def test_torchrun_two_process_gloo_all_reduce(tmp_path):
     assert records[0]["draw"] != records[1]["draw"]  # per-rank seeds differ
 
 
+def test_teardown_holds_the_last_barrier_only_on_the_normal_path(tmp_path):
+    """teardown's barrier keeps gloo's worker threads from freeing collectives during interpreter
+    shutdown (see its docstring); on an error path it must not wait for ranks that may be gone."""
+    import torch.distributed as dist
+
+    from nanochat import runtime
+
+    def join():
+        store = dist.FileStore(str(tmp_path / f"store{len(runtime._final_barrier)}"), 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        dist.all_reduce(torch.ones(3), async_op=True).wait()
+
+    held = len(runtime._final_barrier)
+    join()
+    runtime.teardown()
+    assert not dist.is_initialized()
+    assert len(runtime._final_barrier) == held + 1 and runtime._final_barrier[-1].is_completed()
+    join()
+    with pytest.raises(RuntimeError, match="a rank failed"):
+        try:
+            raise RuntimeError("a rank failed")
+        finally:
+            runtime.teardown()
+    assert not dist.is_initialized()
+    assert len(runtime._final_barrier) == held + 1  # no barrier while the error propagates
+
+
 @pytest.mark.gpu
 def test_cuda_runtime_uses_bf16_on_ampere():
     rt = init_runtime(device="cuda")

@@ -331,6 +331,10 @@ def test_eval_mode_restores_the_mode_it_found_even_on_an_exception():
             assert not model.training
             raise RuntimeError("boom")
         assert model.training is training
+    model.eval()
+    model.blocks[0].train()  # one submodule left training: the block still runs wholly in eval mode
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
 
 
 def test_value_embeddings_and_x0_skip_shapes_init_and_optimizer_groups():

@@ -3,12 +3,15 @@
     uv run python benchmarks/serve.py                        # run `tiny` (after `nanochat speedrun`)
     uv run python benchmarks/serve.py --rates 1 2 4 8 --seconds 30
 
-For each batching mode a `nanochat serve` app (one worker, --max-batch 8) runs on a loopback port
-in this process, and a bounded open-loop load generator sends it streaming chat requests: arrivals
-are a Poisson process at each --rates (requests per second) for --seconds, each request a prompt
-drawn from a fixed mix (short questions, arithmetic, long multi-turn conversations) and a
-max_tokens drawn from --max-tokens, with its own seed. The arrival times, prompts, budgets and seeds
-are the same for both modes (one random stream per rate), so each row compares like with like.
+Each batching mode is a real `nanochat serve` process (one worker, --max-batch 8) on a loopback
+port, both started before the first rate and warmed up with one request; the rates then take turns
+between them, so a drift in the machine's speed hits both alike. The load generator runs in this
+process, not the servers': its Python (streaming, JSON) does not compete with theirs for a GIL, as
+no real client would. It is bounded and open-loop: arrivals are a Poisson process at each --rates
+(requests per second) for --seconds, each request a prompt drawn from a fixed mix (short
+questions, arithmetic, long multi-turn conversations) and a max_tokens drawn from --max-tokens,
+with its own seed. The arrival times, prompts, budgets and seeds are the same for both modes (one
+random stream per rate), so each row compares like with like.
 
 Measured per mode and rate: throughput (completion tokens, from each stream's usage, per second of
 wall-clock from the first request to the last reply), time to first token (request sent to first
@@ -21,22 +24,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import random
+import socket
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx2
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/_server: uvicorn in a thread
-
-from nanochat.config import DeviceConfig, ModelSource  # noqa: E402
-from nanochat.engine import load_engine  # noqa: E402
-from nanochat.runtime import init_runtime  # noqa: E402
-from nanochat.serve.app import create_app  # noqa: E402
-from tests._server import serving  # noqa: E402
 
 PROMPTS = [
     [{"role": "user", "content": "Who are you?"}],
@@ -113,6 +113,39 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+@contextlib.contextmanager
+def server(run: str, batching: str, max_batch: int, startup_timeout: float = 120.0) -> Iterator[str]:
+    """A `nanochat serve` process for `run` on a free loopback port; yields its base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-c", "import sys; from nanochat.cli import main; sys.exit(main())", "serve",
+           "--run", run, "--device", "cpu", "--port", str(port), "--batching", batching,
+           "--max-batch", str(max_batch), "--max-queue", "100000"]
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + startup_timeout
+            while True:
+                with contextlib.suppress(httpx2.TransportError):
+                    if httpx2.get(f"{base}/health", timeout=5).status_code == 200:
+                        break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise RuntimeError(f"`nanochat serve --batching {batching}` did not start:\n{log.read()[-3000:]}")
+                time.sleep(0.25)
+            warm = {"model": "m", "messages": PROMPTS[0], "max_tokens": 8}
+            httpx2.post(f"{base}/v1/chat/completions", json=warm, timeout=60).raise_for_status()
+            yield base
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", default="tiny")
@@ -123,21 +156,21 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    rt = init_runtime("cpu", "auto")
-    engine, name = load_engine(ModelSource(run=args.run, runtime=DeviceConfig(device="cpu")), rt)
+    modes = ("static", "continuous")
     rows = []
-    for rate in args.rates:
-        requests = schedule(rate, args.seconds, args.max_tokens, args.seed)
-        for batching in ("static", "continuous"):
-            app = create_app(engine, name, max_queue=10_000, max_batch=args.max_batch, batching=batching)
-            with serving(app) as base:
-                results, wall = asyncio.run(load(base, requests, args.timeout))
-            done = [r for r in results if r.ok]
-            ttft = [r.ttft for r in done if r.ttft is not None]
-            gaps = [g for r in done for g in r.gaps]
-            rows.append((rate, batching, len(requests), len(done), sum(r.tokens for r in done) / wall,
-                         pct(ttft, 0.5), pct(ttft, 0.99), pct(gaps, 0.5), pct(gaps, 0.99)))
-            print(f"rate {rate:g}/s, {batching}: {len(done)}/{len(requests)} completed", flush=True)
+    with contextlib.ExitStack() as stack:
+        bases = {batching: stack.enter_context(server(args.run, batching, args.max_batch)) for batching in modes}
+        name = httpx2.get(f"{bases['static']}/health").json()["model"]
+        for rate in args.rates:
+            requests = schedule(rate, args.seconds, args.max_tokens, args.seed)
+            for batching in modes:
+                results, wall = asyncio.run(load(bases[batching], requests, args.timeout))
+                done = [r for r in results if r.ok]
+                ttft = [r.ttft for r in done if r.ttft is not None]
+                gaps = [g for r in done for g in r.gaps]
+                rows.append((rate, batching, len(requests), len(done), sum(r.tokens for r in done) / wall,
+                             pct(ttft, 0.5), pct(ttft, 0.99), pct(gaps, 0.5), pct(gaps, 0.99)))
+                print(f"rate {rate:g}/s, {batching}: {len(done)}/{len(requests)} completed", flush=True)
     print(f"\nnanochat serve, {name}, CPU, one worker, --max-batch {args.max_batch}; {args.seconds:g} s of Poisson "
           f"arrivals per rate, max_tokens from {args.max_tokens}\n")
     print("| rate (req/s) | batching | completed | completion tok/s | TTFT p50 (s) | TTFT p99 (s) | ITL p50 (ms) "

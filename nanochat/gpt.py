@@ -283,19 +283,20 @@ class SlotCache:
         if T != 1:
             raise NanochatError("a SlotCache decodes one token per row at a time; prefill with a KVCache")
         lengths = self.lengths[self.active]
-        if int(lengths.max()) + 1 > self.max_len:
+        end = int(lengths.max()) + 1  # the one host sync of a step: every layer reuses it
+        if end > self.max_len:
             raise NanochatError(f"KV cache full: a row reached {self.max_len} positions")
-        key = torch.arange(int(lengths.max()) + 1, device=lengths.device)
+        self._step = lengths, end
+        key = torch.arange(end, device=lengths.device)
         mask = key[None, :] <= lengths[:, None]  # (A, L): each row's own slots and the new one
         return lengths.view(-1, 1, 1), mask[:, None, None, :], False
 
     def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the active rows' new key/value (A, n_kv_head, 1, head_dim) at their lengths and return
         their keys/values so far (A, n_kv_head, L, head_dim); after the last layer the lengths move on."""
-        rows, lengths = self.active, self.lengths[self.active]
+        rows, (lengths, end) = self.active, self._step
         self.k[layer, rows, :, lengths] = k[:, :, 0].to(self.k.dtype)
         self.v[layer, rows, :, lengths] = v[:, :, 0].to(self.v.dtype)
-        end = int(lengths.max()) + 1
         if layer == self.k.size(0) - 1:
             self.lengths[rows] += 1
         return self.k[layer, self._read, :, :end], self.v[layer, self._read, :, :end]

@@ -414,14 +414,18 @@ def test_a_request_arriving_mid_reply_is_answered_before_the_reply_ends(model, b
             assert "role" in json.loads(next(events)[6:])["choices"][0]["delta"]
             short_done, short = threading.Event(), {}
 
-            def ask_short():
-                short["response"] = client.post(CHAT, json=request(max_tokens=3))
-                short_done.set()
+            def ask_short():  # its own client: one httpx client is not to be shared between threads
+                try:
+                    with httpx2.Client(base_url=base, timeout=WAIT_S) as own:
+                        short["response"] = own.post(CHAT, json=request(max_tokens=3))
+                finally:
+                    short_done.set()
 
             asker = threading.Thread(target=ask_short)
             asker.start()
-            while client.get("/health").json()["waiting"] + client.get("/health").json()["busy"] < 2:
+            while not short_done.is_set() and sum(client.get("/health").json()[k] for k in ("waiting", "busy")) < 2:
                 threading.Event().wait(0.01)  # the short request is in the server
+            assert not short_done.is_set(), short  # nothing answers it before the model is let go on
             stand_in.permits.release(12)  # enough passes for the newcomer, a few of the 400 for the long one
             answered = short_done.wait(10 if batching == "continuous" else 1)
             assert answered == (batching == "continuous")

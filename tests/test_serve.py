@@ -527,3 +527,25 @@ def test_a_model_without_a_slot_cache_is_served_by_the_static_batcher(model, cap
         reply = client.post(CHAT, json=request())
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == "ok"
     assert "batching statically" in caplog.text
+
+
+def test_a_job_hands_out_queued_pieces_joined_and_each_on_its_own_when_kept_up_with():
+    from nanochat.engine import Sampling
+    from nanochat.serve.workers import Finished, Job, emit_all
+
+    async def scenario():
+        job = Job([1], Sampling(), asyncio.get_running_loop(), n=2)
+        events = job.events()
+        emit_all([(job, (0, "a")), (job, (0, "b")), (job, (1, "x")), (job, (0, "c"))])  # one step's news
+        await asyncio.sleep(0)  # the worker's call lands: everything is queued before it is read
+        first = [await anext(events) for _ in range(3)]
+        job.emit((1, "y"))
+        second = await anext(events)  # a reader that keeps up gets each piece as it comes
+        emit_all([(job, Finished("stop", 3, 0)), (job, (1, "z")), (job, Finished("length", 3, 1))])
+        rest = [item async for item in events]
+        return first, second, rest
+
+    first, second, rest = asyncio.run(scenario())
+    assert first == [(0, "ab"), (1, "x"), (0, "c")]  # joined within a choice, never across choices
+    assert second == (1, "y")
+    assert rest == [Finished("stop", 3, 0), (1, "z"), Finished("length", 3, 1)]

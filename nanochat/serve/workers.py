@@ -65,23 +65,64 @@ class Job:
     def emit(self, item: tuple[int, str] | Finished | GenerationFailed) -> None:
         """Hand an item to the event loop (called from the worker thread): (choice, text), a choice's end,
         or the failure of the whole job."""
-        try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, item)
-        except RuntimeError:  # the loop is closed: the server stopped, nobody is listening
-            self.cancelled.set()
+        emit_all([(self, item)])
 
     async def events(self) -> AsyncIterator[tuple[int, str] | Finished]:
         """(choice, text) as the replies are written and each choice's Finished, until all have
-        finished; raises GenerationFailed if the job failed."""
+        finished; raises GenerationFailed if the job failed. Pieces that queued up while the event
+        loop was busy come out joined, one piece per choice: under load the server then writes one
+        chunk for several tokens instead of one each, and a client that keeps up still gets every
+        token on its own."""
         done = 0
         while done < self.n:
-            item = await self._events.get()
-            if isinstance(item, GenerationFailed):
-                raise item
-            if isinstance(item, Finished):
-                self.results[item.index] = item
-                done += 1
-            yield item
+            items = [await self._events.get()]
+            while not self._events.empty():
+                items.append(self._events.get_nowait())
+            for item in _joined(items):
+                if isinstance(item, GenerationFailed):
+                    raise item
+                if isinstance(item, Finished):
+                    self.results[item.index] = item
+                    done += 1
+                yield item
+
+
+def _joined(items: list) -> list:
+    """Consecutive text pieces of one choice joined into one piece; everything else as it is."""
+    out: list = []
+    for item in items:
+        if isinstance(item, tuple) and out and isinstance(out[-1], tuple) and out[-1][0] == item[0]:
+            out[-1] = (item[0], out[-1][1] + item[1])
+        else:
+            out.append(item)
+    return out
+
+
+def emit_all(items: Sequence[tuple[Job, tuple[int, str] | Finished | GenerationFailed]]) -> None:
+    """Hand items to their jobs' event loops, from a worker thread: one wake-up of each loop for all of
+    them (a decode step's tokens for every running job), not one per item."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for job, item in items:
+        by_loop.setdefault(job._loop, []).append((job, item))
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_deliver, batch)
+        except RuntimeError:  # the loop is closed: the server stopped, nobody is listening
+            for job, _ in batch:
+                job.cancelled.set()
+
+
+def _post(job: Job, item, outbox: list | None) -> None:
+    """Send `item` to `job` now, or add it to `outbox` (sent later, with emit_all)."""
+    if outbox is None:
+        emit_all([(job, item)])
+    else:
+        outbox.append((job, item))
+
+
+def _deliver(batch: list[tuple[Job, object]]) -> None:
+    for job, item in batch:
+        job._events.put_nowait(item)
 
 
 class WorkerPool:
@@ -197,13 +238,13 @@ class WorkerPool:
         held: Job | None = None  # taken from the queue, waiting for enough free slots for its choices
         stopping = busy = False
 
-        def end_choice(slot: int, outcome: Finished) -> None:
+        def end_choice(slot: int, outcome: Finished, outbox: list | None = None) -> None:
             job = running.pop(slot)[0]
             batch.release(slot)
             if left[job] > 1:
-                job.emit(outcome)
+                _post(job, outcome, outbox)
             else:
-                self._finish(job, outcome)  # the job's last choice: its place frees
+                self._finish(job, outcome, outbox)  # the job's last choice: its place frees
             left[job] -= 1
             if not left[job]:
                 del left[job]
@@ -254,24 +295,27 @@ class WorkerPool:
                         self._finish(job, GenerationFailed(f"generation failed: {type(e).__name__}: {e}"))
                 running.clear()
                 steps = []
+            outbox: list[tuple[Job, tuple[int, str] | Finished]] = []  # the step's news, sent together
             for slot, token, done in steps:
                 job, i, text = running[slot]
                 piece = text.feed(token) + (text.flush() if done else "")
                 if piece:
-                    job.emit((i, piece))
+                    outbox.append((job, (i, piece)))
                 if done:
-                    end_choice(slot, Finished(text.finish_reason, len(text.tokens), i))
+                    end_choice(slot, Finished(text.finish_reason, len(text.tokens), i), outbox)
+            emit_all(outbox)
             if busy and not running:
                 busy = False
                 with self._lock:
                     self._busy_workers -= 1
 
-    def _finish(self, job: Job, outcome: Finished | GenerationFailed) -> None:
-        # Free the job's place before its client hears the end, so the client's next request finds room.
+    def _finish(self, job: Job, outcome: Finished | GenerationFailed, outbox: list | None = None) -> None:
+        """End a job: its place frees before its client hears the end (at once, or with `outbox`), so
+        the client's next request finds room."""
         with self._lock:
             job.state = "done"
             self._busy -= 1
-        job.emit(outcome)
+        _post(job, outcome, outbox)
 
     def _run(self, engine: Engine, batch: list[Job]) -> None:
         """Write every reply of `batch` in one generation; each job ends as soon as its reply does."""

@@ -11,7 +11,7 @@ from torch import nn
 from nanochat.calculator import CalculatorError, calculate
 from nanochat.chat_format import ReplyText, reply_parts, reply_text
 from nanochat.config import ModelConfig
-from nanochat.engine import ContinuousBatch, Engine, Sampling, draw, restricted_probs, sample, sample_rows
+from nanochat.engine import ContinuousBatch, Engine, Sampling, sample
 from nanochat.gpt import GPT
 from nanochat.runtime import init_runtime
 from nanochat.tokenizer import Tokenizer
@@ -121,35 +121,6 @@ def test_sampling_is_seeded_and_top_p_restricts():
     assert set(nucleus.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.7: tokens 2 and 3 are cut
     assert set(sample(logits.expand(500, 4), 1.0, 1, None, g(3)).tolist()) == {0}
     assert sample(logits, 0.0, None, None, g(0)).item() == 0
-
-
-def test_inverse_cdf_draw_follows_the_distribution_and_never_draws_a_zero():
-    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0, 0.0]])
-    n = 1000
-    u = (torch.arange(n) + 0.5) / n  # evenly spread uniforms: the counts are the probabilities
-    counts = torch.bincount(draw(probs.expand(n, 6), u), minlength=6)
-    assert counts.tolist() == [500, 0, 300, 200, 0, 0]
-    edges = torch.tensor([0.0, 0.5, 0.8, 1.0 - 2**-24, torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)).item()])
-    assert draw(probs.expand(5, 6), edges).tolist() == [0, 2, 3, 3, 3]  # never the trailing zeros
-    unnormalised = torch.tensor([[0.0, 2.0, 0.0, 2.0]])  # mass 4: u scales by the row's total
-    assert draw(unnormalised.expand(2, 4), torch.tensor([0.49, 0.51])).tolist() == [1, 3]
-
-
-def test_sample_rows_gives_each_row_what_sample_gives_it_alone():
-    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
-    settings = [Sampling(temperature=0.8, seed=1), Sampling(temperature=0.0, seed=2),
-                Sampling(temperature=1.0, top_k=5, seed=3), Sampling(temperature=0.8, seed=4),
-                Sampling(temperature=1.2, top_p=0.5, seed=5), Sampling(temperature=1.0, top_k=5, seed=6)]
-    for _ in range(3):  # the streams move on together
-        gens = [torch.Generator().manual_seed(s.seed) for s in settings]
-        alone = [torch.Generator().manual_seed(s.seed) for s in settings]
-        for step in range(4):
-            rows = sample_rows(logits + step, settings, gens)
-            assert rows == [sample(logits[i:i + 1] + step, s.temperature, s.top_k, s.top_p, g).item()
-                            for i, (s, g) in enumerate(zip(settings, alone, strict=True))]
-    assert rows[1] == logits[1].argmax().item()
-    probs = restricted_probs(logits[2:3], 1.0, 5, None)
-    assert (probs > 0).sum() == 5 and rows[2] in torch.topk(logits[2], 5).indices.tolist()
 
 
 @pytest.mark.parametrize("expr", ["__import__('os').system('ls')", "(1).__class__", "open('x')", "9**9**9",

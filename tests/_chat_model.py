@@ -6,6 +6,7 @@ the server — runs for real."""
 from __future__ import annotations
 
 import dataclasses
+import types
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,9 @@ def chat_model_home(tmp_path_factory) -> Path:
         mp.setenv("NANOCHAT_HOME", str(path))
         make_chat_model(run="t", tokenizer="t")
     return path
+
+
+def no_slot_cache(*_args, **_kwargs) -> types.SimpleNamespace:
+    """`new_slot_cache` of a scripted stand-in model that needs no keys or values: what
+    ContinuousBatch asks of a slot cache (`fill`, `active`), doing nothing."""
+    return types.SimpleNamespace(fill=lambda *args: None, active=None)

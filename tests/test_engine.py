@@ -2,7 +2,6 @@
 sampling (one shared `Sampling` or one per row) is seeded, and a reply's tokens read back as text
 and chat-format parts (nanochat.chat_format) with nothing but the tokenizer."""
 
-import types
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from nanochat.engine import ContinuousBatch, Engine, Sampling, sample
 from nanochat.gpt import GPT
 from nanochat.runtime import init_runtime
 from nanochat.tokenizer import Tokenizer
+from tests._chat_model import no_slot_cache
 
 RT = init_runtime(device="cpu", dtype="float32")  # compared with plain fp32 forward passes
 
@@ -287,8 +287,7 @@ def test_continuous_batch_forces_tool_results_and_frees_finished_slots(tok):
     script = [sid("<|python_start|>"), *call, sid("<|python_end|>"), 0, 0, 0, 0, sid("<|assistant_end|>")]
 
     class Stand(Scripted):  # the same script for every row, one token per forward pass
-        def new_slot_cache(self, slots, max_len, dtype=None):
-            return types.SimpleNamespace(fill=lambda *args: None, active=None)
+        new_slot_cache = staticmethod(no_slot_cache)
 
     batch = ContinuousBatch(Engine(Stand(script, tok.vocab_size), tok, RT), slots=2)
     (slot,) = batch.admit([tok.bos_id], Sampling(max_tokens=40))

@@ -18,7 +18,6 @@ import importlib.util
 import json
 import os
 import threading
-import types
 from pathlib import Path
 
 import pytest
@@ -33,7 +32,7 @@ from nanochat.engine import Engine, load_engine
 from nanochat.runtime import init_runtime
 from nanochat.serve.app import create_app
 from nanochat.tokenizer import Tokenizer
-from tests._chat_model import TEXT, make_chat_model
+from tests._chat_model import TEXT, make_chat_model, no_slot_cache
 from tests._server import serving
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -217,8 +216,7 @@ class ScriptedChat(nn.Module):
     def new_kv_cache(self, batch, max_len, pad=None, dtype=None):
         return None
 
-    def new_slot_cache(self, slots, max_len, dtype=None):
-        return types.SimpleNamespace(fill=lambda *args: None, active=None)  # the script needs no cache
+    new_slot_cache = staticmethod(no_slot_cache)  # the script needs no cache
 
     def forward(self, idx, kv_cache=None):
         if idx.size(1) > 1:  # a prefill: a new request's prompt

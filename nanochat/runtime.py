@@ -226,7 +226,7 @@ def teardown() -> None:
     process. Why: gloo's worker threads free each finished collective themselves, and freeing a
     tensor that Python has seen takes the GIL; a worker thread that gets there once the interpreter
     has begun to shut down is stopped inside a destructor and the whole process aborts ("terminate
-    called without an active exception": 1 run in 5 of the 4-rank optimizer test on 2 cores, with
+    called without an active exception": 1 run in 9 of the 4-rank optimizer test on 2 cores, with
     the core dump showing a gloo thread freeing an all-gather). A gloo barrier completes only after
     every collective issued before it and keeps their memory alive until it is freed itself, so with
     its handle held here that happens on this thread, while the interpreter still runs.

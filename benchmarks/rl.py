@@ -2,6 +2,7 @@
 
     uv run python benchmarks/rl.py                          # run `tiny` (the speedrun's), seeds 1 and 2
     uv run python benchmarks/rl.py --run tiny --seeds 1 2 3 --max-steps 80
+    uv run python benchmarks/rl.py --prompts-per-step 16 --samples 4   # the same 64 completions a step, regrouped
 
 For each seed the run's SFT checkpoint is copied into a fresh run `<run>-rl-s<seed>` and RL runs there
 with the preset's settings (overridable). The peer is the SFT model itself: the RL stage measures
@@ -45,13 +46,16 @@ def main() -> None:
     parser.add_argument("--eval-items", type=int, default=None)
     parser.add_argument("--lr-scale", type=float, default=None)
     parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--prompts-per-step", type=int, default=None)
+    parser.add_argument("--samples", type=int, default=None)
     parser.add_argument("--normalise-advantages", action="store_true")
     args = parser.parse_args()
     sft = stage_dir(args.run, "sft")
     if not sft.is_dir():
         raise SystemExit(f"run '{args.run}' has no SFT model in {sft}: run `nanochat speedrun` first")
     overrides = {k: v for k, v in {"max_steps": args.max_steps, "tasks": args.tasks, "eval_items": args.eval_items,
-                                   "lr_scale": args.lr_scale, "temperature": args.temperature}.items()
+                                   "lr_scale": args.lr_scale, "temperature": args.temperature,
+                                   "prompts_per_step": args.prompts_per_step, "samples": args.samples}.items()
                  if v is not None}
     if args.normalise_advantages:
         overrides["normalise_advantages"] = True

@@ -25,7 +25,7 @@ from nanochat.runtime import init_runtime
 from nanochat.tasks import rewards
 from nanochat.train import loop
 from nanochat.train.loop import train_step
-from nanochat.train.rl import group_advantages, rollout_rows, train_rl
+from nanochat.train.rl import group_advantages, rollout_rows, train_rl, update_batches
 from tests._chat_model import make_chat_model
 
 RT = init_runtime(device="cpu", dtype="float32")
@@ -76,6 +76,32 @@ def test_one_rl_step_on_two_ranks_equals_one_process(tmp_path):
         assert torch.allclose(p, sharded[name], atol=1e-5, rtol=0), name
         changed += not torch.equal(p, before[name])
     assert changed > 0
+
+
+def test_rows_with_zero_advantage_skip_the_passes_but_not_the_normaliser():
+    prompts, rollouts, advantages = fixed_step()
+    advantages = advantages[:4] + [0.0] * 4  # the second group all scored alike
+    sampled = sum(sum(chosen) for _, chosen in rollouts)
+    for parts in (1, 2):
+        full, skipping = tiny_gpt(), tiny_gpt()
+        opts = [build_optimizer(m, OptimConfig(), total_batch_tokens=8 * 16) for m in (full, skipping)]
+        every_row = [rollout_rows(prompts[i::parts], rollouts[i::parts], advantages[i::parts], RT.device)
+                     for i in range(parts)]
+        batches, updated = update_batches(prompts, rollouts, advantages, parts, RT.device)
+        assert updated == 4 and sum(len(b[0]) for b in batches) == 4 and len(batches) == parts
+        # a step where nothing teaches still runs one row per micro-batch (the optimizer's momentum moves on)
+        idle, idle_rows = update_batches(prompts, rollouts, [0.0] * 8, parts, RT.device)
+        assert idle_rows == parts and sum(int(b[3]) for b in idle) == sampled
+        every_idle = [rollout_rows(prompts[i::parts], rollouts[i::parts], [0.0] * (8 // parts), RT.device)
+                      for i in range(parts)]
+        for model, opt, steps in ((full, opts[0], (every_row, every_idle)), (skipping, opts[1], (batches, idle))):
+            for step in steps:
+                loss, count = train_step(model, opt, iter(step), accum_steps=parts, rt=RT)
+                assert count == sampled
+        for name, p in full.state_dict().items():
+            torch.testing.assert_close(skipping.state_dict()[name], p, rtol=0, atol=1e-6, msg=name)
+        start = tiny_gpt().state_dict()
+        assert any(not torch.equal(p, start[name]) for name, p in skipping.state_dict().items())
 
 
 def test_sample_seeds_depend_on_the_place_in_the_run_alone():

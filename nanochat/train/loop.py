@@ -100,6 +100,11 @@ def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def _supervised(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The supervised tokens a micro-batch counts for: its targets, or the count it carries."""
+    return batch[3] if len(batch) > 3 else (batch[1] != -1).sum()
+
+
 def train_step(model: nn.Module, optimizer, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
                accum_steps: int, rt: Runtime) -> tuple[float, int]:
     """Run `accum_steps` forward/backward passes and one optimizer step.
@@ -108,18 +113,20 @@ def train_step(model: nn.Module, optimizer, batches: Iterator[tuple[torch.Tensor
     optimizer is sharded under torchrun: `nanochat.optim.build_optimizer`). Returns (mean loss over
     the step's supervised tokens, their count); when no token of the step is supervised the
     optimizer is not stepped. A batch may carry a third tensor, per-position loss weights (the RL
-    stage's advantages): the loss is then the weighted sum over the same global token count.
+    stage's advantages): the loss is then the weighted sum over the same global token count; and a
+    fourth, the supervised tokens it stands for, counted in place of its targets (RL leaves rows
+    whose weights are all zero out of the passes, but not out of the normaliser).
     """
     micro = [next(batches) for _ in range(accum_steps)]
-    n_supervised = _all_reduce_sum(sum((batch[1] != -1).sum() for batch in micro).to(rt.device, torch.float32))
+    n_supervised = _all_reduce_sum(sum(_supervised(batch) for batch in micro).to(rt.device, torch.float32))
     # Read now, while the device is idle (the loop synchronised at the end of the last step), rather
     # than after the backward passes, which would stall the queue before the optimizer step.
     count = int(n_supervised.item())
     scale = 1 / n_supervised.clamp(min=1)
     total = torch.zeros((), device=rt.device)
-    for x, y, *weights in micro:  # (x, y), or (x, y, per-position loss weights): RL's advantages
+    for x, y, *extra in micro:  # (x, y), or (x, y, per-position loss weights, count): RL's advantages
         with rt.autocast():
-            loss_sum = model(x, y, loss_reduction="sum", **({"loss_weights": weights[0]} if weights else {}))
+            loss_sum = model(x, y, loss_reduction="sum", **({"loss_weights": extra[0]} if extra else {}))
         (loss_sum * scale).backward()
         total += loss_sum.detach()
     total = _all_reduce_sum(total)

@@ -17,7 +17,9 @@ One step:
   update      one gradient step on −Σ advantage · log p(token) over the tokens the model
               sampled (never the prompt, never a forced tool output), divided by the number of
               those tokens in the whole step over every rank. It is `train_step`'s loss with the
-              advantages as per-position weights.
+              advantages as per-position weights. Completions with advantage 0 add exactly
+              nothing to the gradient, so they skip the forward and backward passes (but not
+              the count of tokens): with few right answers, most groups score all zeros.
 
 Left out, compared with PPO and GRPO:
   - No probability ratios and no clipping. Each batch of rollouts is used for exactly one update
@@ -76,6 +78,30 @@ def rollout_rows(prompts: list[list[int]], rollouts: list[Rollout], advantages: 
     return x.to(device), y.to(device), weights.to(device)
 
 
+def update_batches(prompts: list[list[int]], rollouts: list[Rollout], advantages: list[float], parts: int,
+                   device: torch.device) -> tuple[list[tuple[torch.Tensor, ...]], int]:
+    """A step's completions as `parts` micro-batches of (x, y, weights, count), and how many
+    completions they hold.
+
+    A completion with advantage 0 (its group all scored alike) has a gradient of exactly zero, so
+    it is left out of the forward and backward passes, which cost most of a step; its sampled
+    tokens still count in the step's normaliser (`count`, which train_step sums in place of the
+    targets), so the update is the one all the rows would give. Each micro-batch keeps at least one
+    row, so that a step where no group teaches anything still steps the optimizer (a zero
+    gradient, as with every row)."""
+    sampled = [sum(chosen) for _, chosen in rollouts]
+    keep = [i for i, a in enumerate(advantages) if a != 0]
+    keep = sorted(keep + [i for i in range(len(advantages)) if advantages[i] == 0][:max(parts - len(keep), 0)])
+    left_out = sum(sampled) - sum(sampled[i] for i in keep)
+    out = []
+    for part, rows in enumerate(np.array_split(np.array(keep), parts)):
+        x, y, weights = rollout_rows([prompts[i] for i in rows], [rollouts[i] for i in rows],
+                                     [advantages[i] for i in rows], device)
+        count = sum(sampled[i] for i in rows) + (left_out if part == 0 else 0)
+        out.append((x, y, weights, torch.tensor(count, device=device)))
+    return out, len(keep)
+
+
 class RolloutBatches:
     """The RL stage's batches (the loop's `Batches`): each step's completions on this rank, as
     (x, y, weights) micro-batches. A step's rollouts are sampled when its first micro-batch is
@@ -107,10 +133,8 @@ class RolloutBatches:
         prompts, rollouts, names, convs = self.sample(self.step)
         rewards = torch.tensor([score(tok, n, c, t) for n, c, (t, _) in zip(names, convs, rollouts, strict=True)])
         advantages = group_advantages(rewards.view(-1, cfg.samples), cfg.normalise_advantages).view(-1).tolist()
-        self.last_rewards = self._mean_rewards(rewards, names)
-        self.pending = [rollout_rows(prompts[i:i + cfg.micro_batch], rollouts[i:i + cfg.micro_batch],
-                                     advantages[i:i + cfg.micro_batch], self.rt.device)
-                        for i in range(0, len(prompts), cfg.micro_batch)]
+        self.pending, updated = update_batches(prompts, rollouts, advantages, self.accum, self.rt.device)
+        self.last_rewards = {**self._mean_rewards(rewards, names), **self._updated_fraction(updated, len(prompts))}
         self.step += 1
 
     def _mean_rewards(self, rewards: torch.Tensor, names: list[str]) -> dict[str, float]:
@@ -126,6 +150,13 @@ class RolloutBatches:
         means = (totals[0::2] / totals[1::2].clamp(min=1)).tolist()
         return {"reward": means[0], **({f"reward_{k}": m for k, m in zip(keys, means[1:], strict=True)}
                                        if len(keys) > 1 else {})}
+
+    def _updated_fraction(self, updated: int, rows: int) -> dict[str, float]:
+        """The fraction of the step's completions (every rank's) that went through the update."""
+        totals = torch.tensor([updated, rows], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        return {"updated_rows": (totals[0] / totals[1]).item()}
 
     def __iter__(self):
         return self

@@ -114,13 +114,46 @@ def test_streaming_never_splits_a_utf8_character(tok):
 
 def test_sampling_is_seeded_and_top_p_restricts():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    g = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
-    draws = [sample(logits.expand(200, 4), 1.0, None, None, g(1)) for _ in range(2)]
-    assert torch.equal(draws[0], draws[1])
-    nucleus = sample(logits.expand(500, 4), 1.0, None, 0.7, g(2))
+    u = lambda n, s: torch.rand(n, generator=torch.Generator().manual_seed(s))  # noqa: E731
+    warm = Sampling(temperature=1.0)
+    assert torch.equal(sample(logits.expand(200, 4), warm, u(200, 1)), sample(logits.expand(200, 4), warm, u(200, 1)))
+    nucleus = sample(logits.expand(500, 4), Sampling(temperature=1.0, top_p=0.7), u(500, 2))
     assert set(nucleus.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.7: tokens 2 and 3 are cut
-    assert set(sample(logits.expand(500, 4), 1.0, 1, None, g(3)).tolist()) == {0}
-    assert sample(logits, 0.0, None, None, g(0)).item() == 0
+    assert set(sample(logits.expand(500, 4), Sampling(temperature=1.0, top_k=1), u(500, 3)).tolist()) == {0}
+    assert sample(logits, Sampling(temperature=0.0), u(1, 0)).item() == 0
+    # draws at the very ends of [0, 1) land on the first and the last token kept
+    assert sample(logits.expand(2, 4), Sampling(temperature=1.0, top_k=3), torch.tensor([0.0, 1 - 1e-9])).tolist() \
+        == [0, 2]
+
+
+@pytest.mark.parametrize("settings, expected", [
+    (Sampling(temperature=1.0), [0.5, 0.3, 0.15, 0.05]),
+    (Sampling(temperature=1.0, top_k=2), [0.625, 0.375, 0, 0]),
+    (Sampling(temperature=1.0, top_p=0.9), [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0]),
+    (Sampling(temperature=2.0), None),  # p ** (1 / 2), renormalised
+])
+def test_sampled_tokens_follow_the_restricted_distribution(settings, expected):
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    if expected is None:
+        expected = (probs.sqrt() / probs.sqrt().sum()).tolist()
+    n = 40_000
+    draws = torch.rand(n, generator=torch.Generator().manual_seed(7))
+    counts = torch.bincount(sample(probs.log().expand(n, 4), settings, draws), minlength=4).double() / n
+    expected = torch.tensor(expected, dtype=torch.float64)
+    sigma = (expected * (1 - expected) / n).sqrt()
+    assert ((counts - expected).abs() <= 4 * sigma + 1e-12).all(), (counts, expected)
+
+
+def test_each_row_samples_with_its_own_settings_as_if_alone():
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(3)) * 3
+    settings = [Sampling(temperature=0.0), Sampling(temperature=0.7, top_k=5), Sampling(temperature=1.3),
+                Sampling(temperature=1.0, top_p=0.5), Sampling(temperature=0.9, top_k=3, top_p=0.8),
+                Sampling(temperature=0.0, top_k=2)]
+    draws = torch.rand(6, generator=torch.Generator().manual_seed(4))
+    together = sample(logits, settings, draws).tolist()
+    assert together == [sample(logits[i:i + 1], settings[i], draws[i:i + 1]).item() for i in range(6)]
+    assert together[0] == logits[0].argmax() and together[5] == logits[5].argmax()
+    assert together[1] in logits[1].topk(5).indices.tolist() and together[4] in logits[4].topk(3).indices.tolist()
 
 
 @pytest.mark.parametrize("expr", ["__import__('os').system('ls')", "(1).__class__", "open('x')", "9**9**9",

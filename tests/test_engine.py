@@ -3,6 +3,9 @@ sampling (one shared `Sampling` or one per row) is seeded, and a reply's tokens 
 and chat-format parts (nanochat.chat_format) with nothing but the tokenizer."""
 
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -162,6 +165,14 @@ def test_each_row_samples_with_its_own_settings_as_if_alone():
 def test_calculator_refuses_injection_and_runaway_expressions(expr):
     with pytest.raises(CalculatorError):
         calculate(expr)
+
+
+def test_a_refused_expression_raises_without_a_python_warning():
+    # Python warns at compile time about `2or 3` ("invalid decimal literal"); the model writes such
+    # things, and a warning on stderr for them would litter a run's log.
+    code = "from nanochat.calculator import calculate\ntry:\n    calculate('2or 3')\nexcept Exception as e:\n    print(e)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.startswith("not plain arithmetic") and proc.stderr == "", proc.stderr
 
 
 def test_calculator_time_limit(monkeypatch):

@@ -170,7 +170,8 @@ def test_calculator_refuses_injection_and_runaway_expressions(expr):
 def test_a_refused_expression_raises_without_a_python_warning():
     # Python warns at compile time about `2or 3` ("invalid decimal literal"); the model writes such
     # things, and a warning on stderr for them would litter a run's log.
-    code = "from nanochat.calculator import calculate\ntry:\n    calculate('2or 3')\nexcept Exception as e:\n    print(e)"
+    code = ("from nanochat.calculator import calculate\n"
+            "try:\n    calculate('2or 3')\nexcept Exception as e:\n    print(e)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.startswith("not plain arithmetic") and proc.stderr == "", proc.stderr
 

@@ -85,6 +85,8 @@ def sample(logits: torch.Tensor, settings: Sampling | Sequence[Sampling], unifor
     pick = torch.searchsorted(cdf, (uniforms.to(cdf.dtype) * cdf[:, -1])[:, None], right=True)[:, 0]
     pick = torch.minimum(pick, (probs > 0).sum(-1) - 1)  # a draw rounded onto the total: the last kept token
     tokens = ids.gather(1, pick[:, None])[:, 0]
+    if all(s.temperature > 0 for s in rows):
+        return tokens
     return torch.where(torch.tensor([s.temperature <= 0 for s in rows], device=device), greedy, tokens)
 
 
@@ -99,9 +101,15 @@ def random_draws(settings: Sequence[Sampling], shared: bool, device: torch.devic
                                    device=device) for s in settings])
 
 
+def draw_index(row: _Row, s: Sampling) -> int:
+    """Which of its draws a row uses for its next token: the t-th once it has written t tokens (the
+    same rule in Engine and ContinuousBatch, so a sequence samples alike in both)."""
+    return s.max_tokens - row.left
+
+
 def draws_now(draws: torch.Tensor, rows: Sequence[_Row], settings: Sequence[Sampling]) -> torch.Tensor:
-    """Each row's draw for its next token (the t-th once it has written t tokens)."""
-    at = [min(s.max_tokens - row.left, draws.size(1) - 1) for row, s in zip(rows, settings, strict=True)]
+    """Each row's draw for its next token (a finished row's index is clamped; its token is unused)."""
+    at = [min(draw_index(row, s), draws.size(1) - 1) for row, s in zip(rows, settings, strict=True)]
     return draws[torch.arange(len(at), device=draws.device), torch.tensor(at, device=draws.device)]
 
 
@@ -319,8 +327,8 @@ class ContinuousBatch:
         if not running:
             return out
         rows, settings = [self.rows[slot] for slot in running], [self.sampling[slot] for slot in running]
-        draws = torch.tensor([self.draws[slot][s.max_tokens - row.left] for slot, row, s in zip(running, rows, settings,
-                                                                                                 strict=True)])
+        draws = torch.tensor([self.draws[slot][draw_index(row, s)] for slot, row, s in zip(running, rows, settings,
+                                                                                            strict=True)])
         tokens = sample(torch.cat([self.logits[slot] for slot in running]), settings, draws.to(rt.device)).tolist()
         for slot, row, token in zip(running, rows, tokens, strict=True):
             token = engine._advance(row, token)

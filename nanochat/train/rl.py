@@ -90,8 +90,9 @@ def update_batches(prompts: list[list[int]], rollouts: list[Rollout], advantages
     row, so that a step where no group teaches anything still steps the optimizer (a zero
     gradient, as with every row)."""
     sampled = [sum(chosen) for _, chosen in rollouts]
-    keep = [i for i, a in enumerate(advantages) if a != 0]
-    keep = sorted(keep + [i for i in range(len(advantages)) if advantages[i] == 0][:max(parts - len(keep), 0)])
+    teaching = [i for i, a in enumerate(advantages) if a != 0]
+    idle = [i for i, a in enumerate(advantages) if a == 0]
+    keep = sorted(teaching + idle[:max(parts - len(teaching), 0)])  # at least one row per micro-batch
     left_out = sum(sampled) - sum(sampled[i] for i in keep)
     out = []
     for part, rows in enumerate(np.array_split(np.array(keep), parts)):
@@ -134,13 +135,14 @@ class RolloutBatches:
         rewards = torch.tensor([score(tok, n, c, t) for n, c, (t, _) in zip(names, convs, rollouts, strict=True)])
         advantages = group_advantages(rewards.view(-1, cfg.samples), cfg.normalise_advantages).view(-1).tolist()
         self.pending, updated = update_batches(prompts, rollouts, advantages, self.accum, self.rt.device)
-        self.last_rewards = {**self._mean_rewards(rewards, names), **self._updated_fraction(updated, len(prompts))}
+        self.last_rewards = self._step_metrics(rewards, names, updated)
         self.step += 1
 
-    def _mean_rewards(self, rewards: torch.Tensor, names: list[str]) -> dict[str, float]:
-        """The step's mean reward over every rank's completions, overall and (several tasks) per task."""
+    def _step_metrics(self, rewards: torch.Tensor, names: list[str], updated: int) -> dict[str, float]:
+        """Over every rank's completions of the step (one all-reduce): the mean reward, overall and
+        (several tasks) per task, and the fraction of completions that went through the update."""
         keys = [name for name, _ in self.questions.tasks]
-        sums = [rewards.sum().item(), len(names)]
+        sums = [rewards.sum().item(), len(names), updated, len(names)]
         for key in keys:
             mine = [r for r, n in zip(rewards.tolist(), names, strict=True) if n == key]
             sums += [sum(mine), len(mine)]
@@ -148,15 +150,8 @@ class RolloutBatches:
         if dist.is_initialized():
             dist.all_reduce(totals)
         means = (totals[0::2] / totals[1::2].clamp(min=1)).tolist()
-        return {"reward": means[0], **({f"reward_{k}": m for k, m in zip(keys, means[1:], strict=True)}
-                                       if len(keys) > 1 else {})}
-
-    def _updated_fraction(self, updated: int, rows: int) -> dict[str, float]:
-        """The fraction of the step's completions (every rank's) that went through the update."""
-        totals = torch.tensor([updated, rows], dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(totals)
-        return {"updated_rows": (totals[0] / totals[1]).item()}
+        return {"reward": means[0], "updated_rows": means[1],
+                **({f"reward_{k}": m for k, m in zip(keys, means[2:], strict=True)} if len(keys) > 1 else {})}
 
     def __iter__(self):
         return self

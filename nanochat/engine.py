@@ -239,24 +239,39 @@ class Engine:
         return ReplyStream(self, prompt, sampling)
 
 
-class ContinuousBatch:
-    """Continuous (in-flight) batching over one engine: up to `slots` sequences decode together,
-    one token each per `step`; a new one is admitted between steps (its prompt prefilled on its
-    own, then it decodes with the others) and a finished one leaves at once, freeing its slot.
-    Each sequence has its own Sampling and random stream and its own positions in a SlotCache, so
-    its tokens are the ones Engine.generate writes for it alone (greedy, or seeded sampling)."""
+@dataclass(eq=False)
+class _Prompt:
+    """An admitted prompt not yet wholly fed to the model: its first slot takes the prefill, the
+    others (more completions of it) copy that slot once it is done."""
 
-    def __init__(self, engine: Engine, slots: int, max_len: int | None = None):
+    slots: list[int]
+    tokens: list[int]
+    fed: int = 0  # tokens of it the model has seen
+
+
+class ContinuousBatch:
+    """Continuous (in-flight) batching over one engine: up to `slots` sequences in flight, each with
+    its own row of a SlotCache; every `step` is one forward pass that decodes one token for every
+    running sequence and, alongside, prefills what it can of newly admitted prompts (up to
+    `prefill_chunk` prompt tokens a step; a longer prompt continues in the next steps). A sequence
+    admitted between steps gets its first token from the next step, and one that finishes leaves
+    at once, freeing its slot. Each sequence has its own Sampling and random stream and attends to
+    its own row only, so its tokens are the ones Engine.generate writes for it alone (greedy, or
+    seeded sampling)."""
+
+    def __init__(self, engine: Engine, slots: int, max_len: int | None = None, prefill_chunk: int = 512):
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be ≥ 1 (got {prefill_chunk})")
         self.engine, model = engine, engine.model
         rt = engine.rt
         self.max_len = min(max_len or engine.context, engine.context)
-        self.dtype = rt.autocast_dtype or torch.float32
-        self.cache = model.new_slot_cache(slots, self.max_len, dtype=self.dtype)
+        self.prefill_chunk = prefill_chunk
+        self.cache = model.new_slot_cache(slots, self.max_len, dtype=rt.autocast_dtype or torch.float32)
         self.rows: list[_Row | None] = [None] * slots
         self.sampling: list[Sampling | None] = [None] * slots
         self.draws: list[list[float] | None] = [None] * slots  # each row's random draws, one per token
-        self.logits: list[torch.Tensor | None] = [None] * slots  # each row's logits for its next token
-        self.pending: list[tuple[int, int]] = []  # (slot, token) sampled but not yet fed to the model
+        self.prompts: list[_Prompt] = []  # admitted, first come first served, not yet wholly prefilled
+        self.pending: dict[int, int] = {}  # slot -> the token it sampled last, not yet fed to the model
 
     @property
     def free(self) -> int:
@@ -264,79 +279,108 @@ class ContinuousBatch:
 
     @property
     def running(self) -> int:
+        """Slots taken: sequences being written, and admitted ones waiting for their prefill."""
         return len(self.rows) - self.free
 
     def fits(self, prompt: list[int], sampling: Sampling) -> bool:
         return len(prompt) + sampling.max_tokens <= self.max_len
 
     def admit(self, prompt: list[int], sampling: Sampling, copies: int = 1) -> list[int]:
-        """Prefill `prompt` and give it `copies` free slots (several completions of one prompt; copy i
-        samples with seed + i, so copy 0 is the single completion); returns the slots."""
+        """Give `prompt` `copies` free slots (several completions of one prompt, sharing its
+        prefill; copy i samples with seed + i, so copy 0 is the single completion); returns the
+        slots. Its prompt goes through the model with the next step, which also samples its first
+        token."""
         return self.admit_many([(prompt, sampling, copies)])[0]
 
-    @torch.inference_mode()
     def admit_many(self, requests: Sequence[tuple[list[int], Sampling, int]]) -> list[list[int]]:
-        """Admit several (prompt, sampling, copies) at once: their prompts are prefilled together in
-        one forward pass (left-padded, each row at its own positions), then each takes its slots."""
+        """Admit several (prompt, sampling, copies) at once; returns each one's slots."""
         for prompt, sampling, _ in requests:
+            if not prompt:
+                raise ValueError("an empty prompt: there is nothing to continue")
             if not self.fits(prompt, sampling):
                 raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({sampling.max_tokens}) exceeds the "
                                  f"batch's {self.max_len} positions")
         wanted = sum(copies for _, _, copies in requests)
         if wanted > self.free:
             raise ValueError(f"{wanted} completions need {wanted} free slots; {self.free} are free")
-        engine, rt = self.engine, self.engine.rt
-        idx, pad = left_padded([prompt for prompt, _, _ in requests], rt.device)
-        prefill = engine.model.new_kv_cache(len(requests), idx.size(1), pad=pad, dtype=self.dtype)
-        with eval_mode(engine.model), rt.autocast():
-            logits = engine.model(idx, kv_cache=prefill)[:, -1]
+        device = self.engine.rt.device
         free = iter([i for i, row in enumerate(self.rows) if row is None])
         out = []
-        for b, (prompt, sampling, copies) in enumerate(requests):
+        for prompt, sampling, copies in requests:
             slots = [next(free) for _ in range(copies)]
             for i, slot in enumerate(slots):
-                self.cache.fill(slot, prefill, b, prompt[-1])
-                self.logits[slot] = logits[b:b + 1]
+                self.cache.reset(slot)
                 self.rows[slot] = _Row(left=sampling.max_tokens)
                 self.sampling[slot] = dataclasses.replace(sampling, seed=sampling.seed + i)
-                self.draws[slot] = random_draws([self.sampling[slot]], True, rt.device)[0].tolist()
+                self.draws[slot] = random_draws([self.sampling[slot]], True, device)[0].tolist()
+            self.prompts.append(_Prompt(slots, list(prompt)))
             out.append(slots)
         return out
 
     def release(self, slot: int) -> None:
         """Free a slot (its sequence finished, or nobody wants the rest)."""
-        self.rows[slot] = self.sampling[slot] = self.draws[slot] = self.logits[slot] = None
-        self.pending = [(s, token) for s, token in self.pending if s != slot]
+        self.rows[slot] = self.sampling[slot] = self.draws[slot] = None
+        self.pending.pop(slot, None)
+        for prompt in self.prompts:
+            if slot in prompt.slots:
+                if slot == prompt.slots[0]:  # its prefill lived in this slot: start over in the next one
+                    prompt.fed = 0
+                prompt.slots.remove(slot)
+                if prompt.slots:
+                    self.cache.reset(prompt.slots[0])
+        self.prompts = [prompt for prompt in self.prompts if prompt.slots]
 
     @torch.inference_mode()
     def step(self) -> list[tuple[int, int, bool]]:
-        """The next token of every running sequence: [(slot, token, finished)]; finished slots are
-        freed. The tokens of the previous step are fed to the model first (one forward pass for all
-        of them), so a token is returned as soon as it is sampled."""
+        """One forward pass: the tokens sampled last step go in (one each), with the next chunks of
+        waiting prompts; then every sequence whose logits came out samples its next token.
+        Returns [(slot, token, finished)]; finished slots are freed."""
         engine, rt = self.engine, self.engine.rt
-        fed, self.pending = self.pending, []
-        if fed:
-            self.cache.active = torch.tensor([slot for slot, _ in fed], device=rt.device)
-            ids = torch.tensor([[token] for _, token in fed], device=rt.device)
-            with eval_mode(engine.model), rt.autocast():
-                logits = engine.model(ids, kv_cache=self.cache)[:, -1]
-            for i, (slot, _) in enumerate(fed):
-                self.logits[slot] = logits[i:i + 1]
-        out = []
-        running = [slot for slot, row in enumerate(self.rows) if row is not None]
-        if not running:
-            return out
-        rows, settings = [self.rows[slot] for slot in running], [self.sampling[slot] for slot in running]
-        draws = torch.tensor([self.draws[slot][draw_index(row, s)] for slot, row, s in zip(running, rows, settings,
+        feeds: list[tuple[int, list[int]]] = [(slot, [token]) for slot, token in sorted(self.pending.items())]
+        sampled = [slot for slot, _ in feeds]  # slots whose logits this pass makes, and (below) the feed each reads
+        reads = list(range(len(feeds)))
+        budget, prefilled = self.prefill_chunk, []
+        for prompt in self.prompts:
+            if budget <= 0:
+                break
+            chunk = prompt.tokens[prompt.fed:prompt.fed + budget]
+            feeds.append((prompt.slots[0], chunk))
+            prompt.fed += len(chunk)
+            budget -= len(chunk)
+            if prompt.fed == len(prompt.tokens):
+                prefilled.append(prompt)
+                sampled += prompt.slots
+                reads += [len(feeds) - 1] * len(prompt.slots)
+        if not feeds:
+            return []
+        self.pending.clear()
+        self.prompts = [prompt for prompt in self.prompts if prompt not in prefilled]
+        ids, last = self.cache.schedule(feeds)
+        wanted = sorted(set(reads))  # the feeds whose logits are sampled from, and where they are in the pass
+        at = [last[i] for i in wanted]
+        at = None if at == list(range(ids.size(1))) else torch.tensor(at, device=rt.device)  # None: every token's
+        with eval_mode(engine.model), rt.autocast():
+            logits = engine.model(ids, kv_cache=self.cache, logits_at=at)[0]
+        for prompt in prefilled:  # more completions of one prompt start from a copy of its prefill
+            for slot in prompt.slots[1:]:
+                self.cache.copy(prompt.slots[0], slot)
+        if not sampled:
+            return []
+        row_of = {feed: i for i, feed in enumerate(wanted)}
+        rows, settings = [self.rows[slot] for slot in sampled], [self.sampling[slot] for slot in sampled]
+        draws = torch.tensor([self.draws[slot][draw_index(row, s)] for slot, row, s in zip(sampled, rows, settings,
                                                                                             strict=True)])
-        tokens = sample(torch.cat([self.logits[slot] for slot in running]), settings, draws.to(rt.device)).tolist()
-        for slot, row, token in zip(running, rows, tokens, strict=True):
+        if reads != wanted:  # a feed read by several slots, or one read by none: pick each slot's row
+            logits = logits[torch.tensor([row_of[feed] for feed in reads], device=rt.device)]
+        tokens = sample(logits, settings, draws.to(rt.device)).tolist()
+        out = []
+        for slot, row, token in zip(sampled, rows, tokens, strict=True):
             token = engine._advance(row, token)
             out.append((slot, token, row.done))
             if row.done:
                 self.release(slot)
             else:
-                self.pending.append((slot, token))
+                self.pending[slot] = token
         return out
 
 

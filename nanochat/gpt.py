@@ -32,7 +32,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -176,6 +177,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+              scale: float | None) -> torch.Tensor:
+    """Scaled dot-product attention of q (B, H, T, d) over k, v (B, kv_heads, L, d). is_causal
+    without a mask lets SDPA pick its flash kernels (training, a cache's first chunk). GQA: each
+    group of query heads shares one key/value head, which SDPA reads in place (enable_gqa)
+    instead of a repeated copy of K and V."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                          enable_gqa=k.size(1) != q.size(1))
+
+
 class KVCache:
     """Keys and values of every layer while a batch of sequences is generated.
 
@@ -183,8 +194,12 @@ class KVCache:
     lengths are right-aligned: row b is left-padded with pad[b] filler tokens so that every row
     ends at the same slot and all rows then decode in lockstep (one new slot per step for all).
     Attention never looks at a row's pad slots, and positions count from each row's first real
-    token, so each row's logits are exactly those of its prompt run alone. A forward pass asks
-    `positions_and_mask` where its tokens go, and the last layer's `insert` moves `pos` past them.
+    token, so each row's logits are exactly those of its prompt run alone.
+
+    What a forward pass asks of a cache (SlotCache answers the same three): `positions` of its T
+    new tokens (first, once), each token's `previous` token (for the smear and bigram inputs), and
+    each layer's `attend`, which stores the layer's new keys and values and attends over the row's
+    own. After the last layer, `pos` moves past the new tokens.
     """
 
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
@@ -220,6 +235,24 @@ class KVCache:
         mask = (key <= slot[:, None]) & ((key >= pad) | (key == slot[:, None]))  # (B, T, pos + T)
         return positions, mask.unsqueeze(1), False
 
+    def positions(self, T: int) -> slice | torch.Tensor:
+        """The rotary positions of the next T tokens of every row (see positions_and_mask, whose
+        mask the layers' `attend` then uses)."""
+        self._positions, self._mask, self._is_causal = self.positions_and_mask(T)
+        return self._positions
+
+    def previous(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prev, has_prev), both (B, T): the token before each of `idx` (the row's last cached one
+        for the first) and whether there is one (a row's first real token has none)."""
+        prev = torch.cat((self.last_token[:, None], idx[:, :-1]), dim=1)
+        positions = self._positions
+        if isinstance(positions, slice):
+            has_prev = (torch.arange(positions.start, positions.stop, device=idx.device) > 0).expand_as(idx)
+        else:
+            has_prev = positions[:, 0] > 0
+        self.last_token = idx[:, -1]
+        return prev, has_prev
+
     def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new keys/values (B, n_kv_head, T, head_dim) of one layer at slots pos..pos+T-1 and
         return all of that layer's keys and values so far. After the last layer, pos moves past them."""
@@ -230,76 +263,156 @@ class KVCache:
             self.pos = end
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scale: float | None) -> torch.Tensor:
+        """One layer's attention output (B, H, T, d) for queries q over the cached keys and the new
+        k, v (B, kv_heads, T, d), which are stored."""
+        k, v = self.insert(layer, k, v)
+        return attention(q, k, v, self._mask, self._is_causal, scale)
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """What one forward pass over a SlotCache carries, as SlotCache.schedule laid it out."""
+
+    positions: torch.Tensor  # (N,) each packed token's position in its row
+    slot: torch.Tensor  # (N,) each token's row
+    rows: torch.Tensor  # (R,) the rows fed, in packed order
+    first: torch.Tensor | None  # (N,) whether a token is its row's first in the pass (None: one token a row)
+    last: torch.Tensor | None  # (R,) where each row's last token is (None: one token a row)
+    singles: int  # the first `singles` tokens are rows fed one token each
+    single_rows: slice | torch.Tensor  # their rows (a view of all when every row is fed one, in order)
+    single_mask: torch.Tensor | None  # (singles, 1, 1, end): each sees its own row's positions so far
+    end: int  # longest of those rows after this pass
+    chunks: tuple[tuple[int, int, int, int, torch.Tensor | None], ...]  # (row, offset, count, start, mask)
+
 
 class SlotCache:
     """Keys and values for continuous batching: `slots` rows, each holding one sequence with its
-    own length, so sequences join and leave between decode steps. A sequence's prompt is prefilled
-    on its own (a KVCache of one row) and copied into a free slot (`fill`); then each forward pass
-    decodes one token for the rows in `active` (the others are untouched). Positions count from
-    each row's first token, and a row attends to its own slots only, so its logits are those of
-    its sequence run alone. Same interface as KVCache towards the model. Several prompts may be
-    prefilled together (a left-padded KVCache); each row is copied without its padding."""
+    own length, so sequences join and leave between forward passes.
+
+    Before each pass, `schedule` says what it carries: any number of new tokens for any rows (a
+    decode step's one token per running row, and the prompt of a sequence just admitted, whole or
+    a chunk of it), packed into one row of ids (1, N), the one-token rows first. Each token goes
+    at its row's next position and attends to its own row's positions only: the one-token rows in
+    one batched attention, each longer chunk on its own, causally. So every row's logits are those
+    of its sequence run alone, and a prompt is prefilled in the same pass that decodes the others.
+    `copy` hands a prefilled sequence to another row (several completions of one prompt). Lengths
+    live on the host, where the scheduler knows them: a pass needs no device sync. Same three
+    questions as KVCache towards the model (positions, previous, attend).
+    """
 
     def __init__(self, n_layer: int, slots: int, n_kv_head: int, max_len: int, head_dim: int,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
         shape = (n_layer, slots, n_kv_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self.lengths = [0] * slots  # tokens each row holds
         self.tokens = torch.zeros(slots, dtype=torch.long, device=device)  # each row's last token
         self.max_len = max_len
-        self.active = torch.zeros(0, dtype=torch.long, device=device)
+        self.device = self.k.device
+        self._key = torch.arange(max_len, device=self.device)  # positions, for the masks
+        self.plan: _Pass | None = None
 
-    @property
-    def active(self) -> torch.Tensor:
-        """The slots the next forward pass decodes for, in the order of its rows."""
-        return self._active
+    def reset(self, slot: int) -> None:
+        """Empty a row, for a new sequence."""
+        self.lengths[slot] = 0
 
-    @active.setter
-    def active(self, slots: torch.Tensor) -> None:
-        self._active = slots
-        every = len(slots) == self.k.size(1) and bool((slots == torch.arange(len(slots), device=slots.device)).all())
-        self._read = slice(None) if every else slots  # every slot in order: read the cache as a view, no copy
+    def copy(self, src: int, dst: int) -> None:
+        """Row `dst` takes a copy of the sequence in row `src`."""
+        n = self.lengths[src]
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.tokens[dst] = self.tokens[src]
+        self.lengths[dst] = n
 
-    def fill(self, slot: int, prefilled: KVCache, row: int, last_token: int) -> None:
-        """Take over the sequence in `row` of a prefilled KVCache (without its left padding) into `slot`."""
-        start = int(prefilled.pad[row])
-        n = prefilled.pos - start
-        if n > self.max_len:
-            raise NanochatError(f"a {n}-token sequence does not fit the slots' {self.max_len} positions")
-        self.k[:, slot, :, :n] = prefilled.k[:, row, :, start:prefilled.pos]
-        self.v[:, slot, :, :n] = prefilled.v[:, row, :, start:prefilled.pos]
-        self.lengths[slot], self.tokens[slot] = n, last_token
+    def schedule(self, feeds: Sequence[tuple[int, Sequence[int]]]) -> tuple[torch.Tensor, list[int]]:
+        """Lay out the next forward pass: `feeds` are (row, its new tokens), at most one per row.
+        Returns the packed ids (1, N) to run and, for each feed in the order given, the index of
+        its last token in them (where its logits will be). The rows' lengths move on now."""
+        if len({row for row, _ in feeds}) != len(feeds):
+            raise ValueError("a row is fed at most once per pass")
+        for row, tokens in feeds:
+            if not tokens:
+                raise ValueError(f"row {row} is fed no tokens")
+            if self.lengths[row] + len(tokens) > self.max_len:
+                raise NanochatError(f"KV cache full: row {row} holds {self.lengths[row]} tokens, + {len(tokens)} > "
+                                    f"max_len {self.max_len}")
+        order = sorted(range(len(feeds)), key=lambda i: (len(feeds[i][1]) > 1, feeds[i][0]))
+        ids, slot, positions, last = [], [], [], [0] * len(feeds)
+        singles, chunks = 0, []
+        for i in order:
+            row, tokens = feeds[i]
+            start, offset = self.lengths[row], len(ids)
+            ids += tokens
+            slot += [row] * len(tokens)
+            positions += range(start, start + len(tokens))
+            last[i] = len(ids) - 1
+            if len(tokens) == 1:
+                singles += 1
+            else:
+                chunks.append((row, offset, len(tokens), start))
+            self.lengths[row] = start + len(tokens)
+        dev = self.device
+        rows = [feeds[i][0] for i in order]
+        rows_t, positions_t = torch.tensor(rows, device=dev), torch.tensor(positions, device=dev)
+        single_rows = rows_t[:singles]
+        end = max(positions[:singles], default=-1) + 1
+        single_mask = (self._key[:end] <= positions_t[:singles, None])[:, None, None, :] if singles else None
+        chunk_plans = []
+        for row, offset, count, start in chunks:  # a chunk after earlier ones sees them all, and itself causally
+            mask = None if start == 0 else self._key[:start + count] <= self._key[start:start + count, None]
+            chunk_plans.append((row, offset, count, start, mask))
+        if chunks:
+            first = [False] * len(ids)
+            for j in [0, *(i + 1 for i in sorted(last)[:-1])]:  # each row's first: after the row before
+                first[j] = True
+            slot_t, first, last_t = (torch.tensor(slot, device=dev), torch.tensor(first, device=dev),
+                                     torch.tensor(sorted(last), device=dev))
+        else:  # one token a row: each token is its row's first and last
+            slot_t, first, last_t = rows_t, None, None
+        self.plan = _Pass(
+            positions=positions_t, slot=slot_t, rows=rows_t, first=first, last=last_t, singles=singles,
+            single_rows=slice(None) if rows[:singles] == list(range(len(self.lengths))) else single_rows,
+            single_mask=single_mask, end=end, chunks=tuple(chunk_plans))
+        return torch.tensor([ids], device=dev), last
 
-    @property
-    def last_token(self) -> torch.Tensor:
-        return self.tokens[self.active]
+    def positions(self, T: int) -> torch.Tensor:
+        """Rotary positions (1, 1, N) of the scheduled pass's tokens, each in its own row."""
+        if self.plan is None or T != self.plan.positions.numel():
+            raise NanochatError("a SlotCache pass runs the ids its `schedule` returned")
+        return self.plan.positions.view(1, 1, -1)
 
-    @last_token.setter
-    def last_token(self, value: torch.Tensor) -> None:
-        self.tokens[self.active] = value
+    def previous(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prev, has_prev), both (1, N): the token before each packed token (its row's last cached
+        one for the row's first in this pass) and whether there is one."""
+        plan = self.plan
+        if plan.first is None:  # one token a row: the one before is the row's last
+            prev = self.tokens[plan.rows][None]
+            self.tokens[plan.rows] = idx[0]
+        else:
+            before = torch.cat((idx[:, :1], idx[:, :-1]), dim=1)
+            prev = torch.where(plan.first, self.tokens[plan.slot], before)
+            self.tokens[plan.rows] = idx[0, plan.last]
+        return prev, (plan.positions > 0).view(1, -1)
 
-    def positions_and_mask(self, T: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        if T != 1:
-            raise NanochatError("a SlotCache decodes one token per row at a time; prefill with a KVCache")
-        lengths = self.lengths[self.active]
-        end = int(lengths.max()) + 1  # the one host sync of a step: every layer reuses it
-        if end > self.max_len:
-            raise NanochatError(f"KV cache full: a row reached {self.max_len} positions")
-        self._step = lengths, end
-        key = torch.arange(end, device=lengths.device)
-        mask = key[None, :] <= lengths[:, None]  # (A, L): each row's own slots and the new one
-        return lengths.view(-1, 1, 1), mask[:, None, None, :], False
-
-    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the active rows' new key/value (A, n_kv_head, 1, head_dim) at their lengths and return
-        their keys/values so far (A, n_kv_head, L, head_dim); after the last layer the lengths move on."""
-        rows, (lengths, end) = self.active, self._step
-        self.k[layer, rows, :, lengths] = k[:, :, 0].to(self.k.dtype)
-        self.v[layer, rows, :, lengths] = v[:, :, 0].to(self.v.dtype)
-        if layer == self.k.size(0) - 1:
-            self.lengths[rows] += 1
-        return self.k[layer, self._read, :, :end], self.v[layer, self._read, :, :end]
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scale: float | None) -> torch.Tensor:
+        """Store the pass's new keys/values (1, kv_heads, N, d) at each token's row and position, and
+        return its attention output (1, H, N, d), each token over its own row."""
+        plan = self.plan
+        self.k[layer, plan.slot, :, plan.positions] = k[0].transpose(0, 1).to(self.k.dtype)
+        self.v[layer, plan.slot, :, plan.positions] = v[0].transpose(0, 1).to(self.v.dtype)
+        out = []
+        if plan.singles:  # (S, H, 1, d) queries, each over its own row's keys so far
+            q1 = q[0, :, :plan.singles].transpose(0, 1).unsqueeze(2)
+            keys = self.k[layer, plan.single_rows, :, :plan.end]
+            values = self.v[layer, plan.single_rows, :, :plan.end]
+            out.append(attention(q1, keys, values, plan.single_mask, False, scale)[:, :, 0].transpose(0, 1))
+        for row, offset, count, start, mask in plan.chunks:
+            keys, values = self.k[layer, row:row + 1, :, :start + count], self.v[layer, row:row + 1, :, :start + count]
+            out.append(attention(q[:, :, offset:offset + count], keys, values, mask, mask is None, scale)[0])
+        return (out[0] if len(out) == 1 else torch.cat(out, dim=1)).unsqueeze(0)
 
 
 class CausalSelfAttention(nn.Module):
@@ -317,7 +430,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor, ve: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None, is_causal: bool, kv_cache: KVCache | None) -> torch.Tensor:
+                kv_cache: KVCache | SlotCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, d)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -331,13 +444,10 @@ class CausalSelfAttention(nn.Module):
         if self.qk_norm:  # before or after RoPE is the same: a rotation keeps the RMS
             q, k = norm(q), norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if kv_cache is not None:
-            k, v = kv_cache.insert(self.layer_idx, k, v)
-        # is_causal without a mask lets SDPA pick the flash kernels (training, a cache's first chunk).
-        # GQA: each group of query heads shares one key/value head, which SDPA reads in place
-        # (enable_gqa) instead of a repeated copy of K and V.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
-                                           enable_gqa=self.n_kv_head != self.n_head)
+        if kv_cache is None:  # every row from position 0: plain causal attention
+            y = attention(q, k, v, None, True, self.scale)
+        else:  # the cache stores k, v and knows which of its keys each token may see
+            y = kv_cache.attend(self.layer_idx, q, k, v, self.scale)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -363,8 +473,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, ve: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None, is_causal: bool, kv_cache: KVCache | None) -> torch.Tensor:
-        x = x + self.attn(norm(x), ve, cos, sin, attn_mask, is_causal, kv_cache)
+                kv_cache: KVCache | SlotCache | None) -> torch.Tensor:
+        x = x + self.attn(norm(x), ve, cos, sin, kv_cache)
         return x + self.mlp(norm(x))
 
 
@@ -441,64 +551,59 @@ class GPT(nn.Module):
             self.x0_lambdas.zero_()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                loss_reduction: Literal["mean", "sum"] = "mean", kv_cache: KVCache | None = None,
-                loss_weights: torch.Tensor | None = None) -> torch.Tensor:
+                loss_reduction: Literal["mean", "sum"] = "mean", kv_cache: KVCache | SlotCache | None = None,
+                loss_weights: torch.Tensor | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) token ids. With targets (B, T; -1 = no loss there): the cross-entropy, mean over
         the counted positions (0 when there are none) or their sum; with `loss_weights` (B, T), each
         position's cross-entropy times its weight (RL: the advantage of the rollout it belongs to).
-        Else float32 logits (B, T, vocab). With a kv_cache, idx are the next T tokens of every row
-        (a prompt, then one at a time)."""
+        Else float32 logits (B, T, vocab), or (B, K, vocab) at the K positions `logits_at` names (the
+        head's matmul only where a token will be sampled). With a kv_cache, idx are the next T tokens
+        of every row (a prompt, then one at a time), or the pass a SlotCache scheduled."""
         T = idx.size(1)
         if kv_cache is None:  # every row starts at position 0: plain causal attention, no mask
             if T > self.max_positions:
                 raise NanochatError(f"sequence of {T} tokens is longer than the model's {self.max_positions} positions")
-            positions, attn_mask, is_causal = slice(0, T), None, True
+            positions = slice(0, T)
         else:
-            positions, attn_mask, is_causal = kv_cache.positions_and_mask(T)
+            positions = kv_cache.positions(T)
         cos, sin = self.cos[positions], self.sin[positions]
 
         x = norm(self.wte(idx))
         if self.config.smear or self.config.bigram_multiple:
-            x = self._add_previous_token(idx, x, positions, kv_cache)
+            x = self._add_previous_token(idx, x, kv_cache)
         x0 = x
         for i, block in enumerate(self.blocks):
             if self.config.x0_skip:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, attn_mask, is_causal, kv_cache)
+            x = block(x, ve, cos, sin, kv_cache)
         x = norm(x)
 
         head = self.lm_head.weight[:self.vocab_size]  # the padded rows are never a target
         if targets is None:  # soft-cap: smoothly bound logits to ±cap
-            return _capped_logits(x, head, self.config.logit_softcap)
+            return _capped_logits(x if logits_at is None else x[:, logits_at], head, self.config.logit_softcap)
         weights = None if loss_weights is None else loss_weights.reshape(-1).float()
         loss = head_loss(x.flatten(0, 1), head, targets.reshape(-1), self.config.logit_softcap, token_weights=weights)
         if loss_reduction == "sum":
             return loss
         return loss / (targets != -1).sum().clamp(min=1)
 
-    def _add_previous_token(self, idx: torch.Tensor, x: torch.Tensor, positions: slice | torch.Tensor,
-                            kv_cache: KVCache | None) -> torch.Tensor:
+    def _add_previous_token(self, idx: torch.Tensor, x: torch.Tensor,
+                            kv_cache: KVCache | SlotCache | None) -> torch.Tensor:
         """Mix what the previous token was into each token's embedding (smear and/or bigram hash).
-        The previous token is the one before in the row, or the row's last cached token; a token at
-        position 0 (a row's first real token) has none."""
+        The previous token is the one before in the row, or (the cache knows) the row's last cached
+        token; a token at position 0 (a row's first real token) has none."""
         if kv_cache is None:  # training: no token before a row's first, so nothing to look up for it
-            first = torch.zeros_like(idx[:, :1])
-            first_x = torch.zeros_like(x[:, :1])
+            prev = torch.cat((torch.zeros_like(idx[:, :1]), idx[:, :-1]), dim=1)
             has_prev = torch.ones_like(idx, dtype=torch.bool)
             has_prev[:, 0] = False
+            prev_x = torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1) if self.config.smear else None
         else:
-            first = kv_cache.last_token[:, None]
-            first_x = norm(self.wte(first)) if self.config.smear else None
-            if isinstance(positions, slice):
-                has_prev = (torch.arange(positions.start, positions.stop, device=idx.device) > 0).expand_as(idx)
-            else:
-                has_prev = positions[:, 0] > 0
-            kv_cache.last_token = idx[:, -1]
-        prev = torch.cat((first, idx[:, :-1]), dim=1)
+            prev, has_prev = kv_cache.previous(idx)
+            prev_x = norm(self.wte(prev)) if self.config.smear else None  # x of each previous token
         if self.config.smear:
             # x_t += λ·sigmoid(w·x_t[:16])·x_{t-1}: how much of the previous token each token takes in.
-            prev_x = torch.cat((first_x, x[:, :-1]), dim=1) * has_prev.unsqueeze(-1)
+            prev_x = prev_x * has_prev.unsqueeze(-1)
             w, strength = self.smear_gate[:-1], self.smear_gate[-1]
             gate = strength * torch.sigmoid(x[..., :SMEAR_CHANNELS] @ w.to(x.dtype))
             x = x + gate.unsqueeze(-1) * prev_x

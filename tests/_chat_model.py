@@ -6,7 +6,6 @@ the server — runs for real."""
 from __future__ import annotations
 
 import dataclasses
-import types
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 
 from nanochat.checkpoint import save_checkpoint
 from nanochat.config import ModelConfig, tokenizer_dir
-from nanochat.gpt import GPT
+from nanochat.gpt import GPT, SlotCache
 from nanochat.runs import stage_dir, tokenizer_identity
 from nanochat.tokenizer import Tokenizer
 
@@ -44,7 +43,21 @@ def chat_model_home(tmp_path_factory) -> Path:
     return path
 
 
-def no_slot_cache(*_args, **_kwargs) -> types.SimpleNamespace:
-    """`new_slot_cache` of a scripted stand-in model that needs no keys or values: what
-    ContinuousBatch asks of a slot cache (`fill`, `active`), doing nothing."""
-    return types.SimpleNamespace(fill=lambda *args: None, active=None)
+def scripted_slot_cache(slots: int, max_len: int, dtype: torch.dtype | None = None) -> SlotCache:
+    """`new_slot_cache` of a scripted stand-in model: a real SlotCache (it schedules the passes
+    ContinuousBatch runs) with one layer and head of width 2, since the script needs no keys or values."""
+    return SlotCache(1, slots, 1, max_len, 2)
+
+
+def new_prompts(idx: torch.Tensor, kv_cache) -> list[list[int]]:
+    """The prompts whose prefill starts in this forward pass of a stand-in model: with a
+    SlotCache, each scheduled row that starts at position 0; without a cache (Engine.generate over
+    a stand-in), every row of a pass of more than one token."""
+    if not isinstance(kv_cache, SlotCache):
+        return [row.tolist() for row in idx] if idx.size(1) > 1 else []
+    plan = kv_cache.plan
+    if plan.first is None:  # one token a row
+        return [[token] for token, p in zip(idx[0].tolist(), plan.positions.tolist(), strict=True) if p == 0]
+    starts = (plan.first & (plan.positions == 0)).nonzero()[:, 0].tolist()
+    ends = (plan.last + 1).tolist()
+    return [idx[0, s:min(e for e in ends if e > s)].tolist() for s in starts]

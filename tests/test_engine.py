@@ -17,7 +17,7 @@ from nanochat.engine import ContinuousBatch, Engine, Sampling, sample
 from nanochat.gpt import GPT
 from nanochat.runtime import init_runtime
 from nanochat.tokenizer import Tokenizer
-from tests._chat_model import no_slot_cache
+from tests._chat_model import scripted_slot_cache
 
 RT = init_runtime(device="cpu", dtype="float32")  # compared with plain fp32 forward passes
 
@@ -41,13 +41,13 @@ class Scripted(nn.Module):
     def new_kv_cache(self, batch, max_len, pad=None, dtype=None):
         return None
 
-    def forward(self, idx, kv_cache=None):
+    def forward(self, idx, kv_cache=None, logits_at=None):
         self.fed.append(idx[0].tolist())
         logits = torch.full((idx.size(0), idx.size(1), self.vocab), -10.0)
         token = self.script[min(self.produced, len(self.script) - 1)]
-        logits[:, -1, token] = 10.0
+        logits[:, :, token] = 10.0
         self.produced += 1
-        return logits
+        return logits if logits_at is None else logits[:, logits_at]
 
 
 @pytest.mark.parametrize("parts", [{"value_embeddings": False, "smear": False, "bigram_multiple": 0},
@@ -332,7 +332,7 @@ def test_continuous_batch_forces_tool_results_and_frees_finished_slots(tok):
     script = [sid("<|python_start|>"), *call, sid("<|python_end|>"), 0, 0, 0, 0, sid("<|assistant_end|>")]
 
     class Stand(Scripted):  # the same script for every row, one token per forward pass
-        new_slot_cache = staticmethod(no_slot_cache)
+        new_slot_cache = staticmethod(scripted_slot_cache)
 
     batch = ContinuousBatch(Engine(Stand(script, tok.vocab_size), tok, RT), slots=2)
     (slot,) = batch.admit([tok.bos_id], Sampling(max_tokens=40))

@@ -234,6 +234,60 @@ def test_kv_cache_positions_and_mask():
         cache.positions_and_mask(1)
 
 
+@pytest.mark.parametrize("overrides", VARIANTS, ids=str)
+def test_slot_cache_passes_mix_decodes_and_prompt_chunks_each_row_as_alone(overrides):
+    """Passes over a SlotCache carry, packed into one row, one token for some rows and a chunk for
+    others (a first chunk, a later one, a one-token prompt), the rows in any order: every row's
+    logits equal its sequence's full forward alone. `copy` hands a sequence to another row, which
+    goes its own way from there; `logits_at` returns just the positions asked for."""
+    model = active_model(**overrides)
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, VOCAB, (14,), generator=g).tolist() for _ in range(4)]
+    passes = [[(3, 6), (0, 5)], [(0, 1), (3, 2), (1, 9)], [(2, 1), (0, 4), (1, 1), (3, 1)],
+              [(1, 1), (4, 2), (0, 1), (3, 3)], [(0, 1), (4, 1), (1, 1), (2, 1), (3, 1)]]  # (row, tokens) per pass
+    cache = model.new_slot_cache(5, 20)
+    fed = [0] * 5  # tokens each row holds
+    got: list[list[torch.Tensor]] = [[] for _ in range(5)]  # each row's logits, pass after pass
+    with torch.no_grad():
+        for i, plan in enumerate(passes):
+            if i == 3:  # row 4 takes a copy of row 1 (10 tokens) and continues it with tokens of its own
+                cache.copy(1, 4)
+                seqs.append(seqs[1][:10] + [7, 8, 9])
+                fed[4] = 10
+            ids, last = cache.schedule([(row, seqs[row][fed[row]:fed[row] + n]) for row, n in plan])
+            if i < len(passes) - 1:
+                logits = model(ids, kv_cache=cache)[0]
+                rows = [logits[end - n + 1:end + 1] for (_, n), end in zip(plan, last, strict=True)]
+            else:  # one token a row: the logits of each row's last token only
+                logits = model(ids, kv_cache=cache, logits_at=torch.tensor(last))[0]
+                assert logits.shape == (len(plan), VOCAB)
+                rows = logits.split(1)
+            for (row, n), x in zip(plan, rows, strict=True):
+                got[row].append(x)
+                fed[row] += n
+    assert cache.lengths == fed == [12, 12, 2, 13, 13]
+    for row, seq in enumerate(seqs):
+        full = model(torch.tensor([seq[:fed[row]]]))[0]
+        first = 10 if row == 4 else 0  # the copy's own tokens
+        torch.testing.assert_close(torch.cat(got[row]), full[first:], atol=1e-5, rtol=1e-5)
+
+
+def test_slot_cache_refuses_what_does_not_fit_or_was_not_scheduled():
+    model = active_model()
+    cache = model.new_slot_cache(2, 8)
+    with pytest.raises(ValueError, match="at most once"):
+        cache.schedule([(0, [1]), (0, [2])])
+    with pytest.raises(ValueError, match="no tokens"):
+        cache.schedule([(0, [])])
+    with pytest.raises(NanochatError, match="KV cache full"):
+        cache.schedule([(1, list(range(9)))])
+    ids, _ = cache.schedule([(1, [1, 2, 3])])
+    with pytest.raises(NanochatError, match="its `schedule` returned"), torch.no_grad():
+        model(ids[:, :2], kv_cache=cache)
+    with pytest.raises(NanochatError, match="rotary positions"):
+        model.new_slot_cache(1, model.max_positions + 1)
+
+
 def _saved_numels(fn):
     """Run fn() and return the sizes of the tensors autograd saved for the backward pass."""
     sizes = []
@@ -386,8 +440,8 @@ def test_bigram_embedding_reads_the_pair_of_previous_and_current_token():
     twin[0, 2] = 18
     with torch.no_grad():
         model.wte.weight[18] = model.wte.weight[17]  # token 18 embeds exactly like 17: only the pairs differ
-        a = model._add_previous_token(x, norm(model.wte(x)), slice(0, 6), None)
-        b = model._add_previous_token(twin, norm(model.wte(twin)), slice(0, 6), None)
+        a = model._add_previous_token(x, norm(model.wte(x)), None)
+        b = model._add_previous_token(twin, norm(model.wte(twin)), None)
     changed = [not torch.allclose(a[0, t], b[0, t]) for t in range(6)]
     assert changed == [False, False, True, True, False, False]  # the pairs (9, 17→18) and (17→18, 30)
 

@@ -25,7 +25,7 @@ from nanochat.config import DeviceConfig, ModelSource
 from nanochat.engine import Engine, load_engine
 from nanochat.runtime import init_runtime
 from nanochat.serve.app import STATIC, cli, create_app
-from tests._chat_model import chat_model_home, no_slot_cache
+from tests._chat_model import chat_model_home, new_prompts, scripted_slot_cache
 from tests._server import serving
 
 RT = init_runtime(device="cpu")
@@ -73,22 +73,22 @@ class Script(nn.Module):
     def new_kv_cache(self, batch, max_len, pad=None, dtype=None):
         return None
 
-    new_slot_cache = staticmethod(no_slot_cache)  # the script needs no cache
+    new_slot_cache = staticmethod(scripted_slot_cache)
 
-    def forward(self, idx, kv_cache=None):
+    def forward(self, idx, kv_cache=None, logits_at=None):
         self.entered.set()
         if self.permits is not None and not self.permits.acquire(timeout=WAIT_S):
             raise RuntimeError("the test never let the model go on")
         if self.fail_once:
             self.fail_once = False
             raise RuntimeError("boom")
-        if idx.size(1) > 1:  # a prompt: a new reply
+        if new_prompts(idx, kv_cache):  # a prompt: a new reply
             self.replies.append(0)
         self.replies[-1] += 1
         token = self.script[min(self.replies[-1] - 1, len(self.script) - 1)]
         logits = torch.full((idx.size(0), idx.size(1), self.vocab), -10.0)
-        logits[:, -1, token] = 10.0
-        return logits
+        logits[:, :, token] = 10.0
+        return logits if logits_at is None else logits[:, logits_at]
 
 
 def scripted(model, text: str = "", end: bool = True, **kwargs) -> tuple[Engine, Script]:
@@ -364,16 +364,16 @@ def test_requests_waiting_together_share_one_batch_and_get_their_own_replies(mod
     temperature and budget; the neighbours do not matter)."""
     engine, _ = model
     gate, entered = threading.Event(), threading.Event()
-    rows_per_forward: list[int] = []
+    rows_per_forward: list[int] = []  # the slot cache's rows each forward pass feeds
 
-    def hold_first_prompt(_module, args):
-        rows_per_forward.append(args[0].size(0))
+    def hold_first_prompt(_module, _args, kwargs):
+        rows_per_forward.append(kwargs["kv_cache"].plan.rows.numel())
         if len(rows_per_forward) == 1:
             entered.set()
             assert gate.wait(WAIT_S)
 
     bodies = [request(max_tokens=4 + i, temperature=0.3 * i, seed=i) for i in range(5)]
-    hook = engine.model.register_forward_pre_hook(hold_first_prompt)
+    hook = engine.model.register_forward_pre_hook(hold_first_prompt, with_kwargs=True)
     try:
         with serving(create_app(engine, "batched", max_batch=4)) as base:
             async def burst() -> list[str]:
@@ -494,9 +494,10 @@ def test_metrics_parse_as_prometheus_and_count_what_happened(model):
 
 def test_n_choices_share_one_prefill_and_each_is_its_seeds_reply(model):
     engine, _ = model
-    prefills: list[int] = []
+    prefills: list[int] = []  # prompts whose prefill each forward pass starts
     hook = engine.model.register_forward_pre_hook(
-        lambda _m, args: prefills.append(args[0].size(0)) if args[0].size(1) > 1 else None)
+        lambda _m, args, kwargs: prefills.extend([len(new_prompts(args[0], kwargs.get("kv_cache")))] * bool(
+            new_prompts(args[0], kwargs.get("kv_cache")))), with_kwargs=True)
     try:
         with serving(create_app(engine, "choices")) as base, httpx2.Client(base_url=base, timeout=WAIT_S) as client:
             body = request(max_tokens=12, temperature=0.9, seed=40)

@@ -32,7 +32,7 @@ from nanochat.engine import Engine, load_engine
 from nanochat.runtime import init_runtime
 from nanochat.serve.app import create_app
 from nanochat.tokenizer import Tokenizer
-from tests._chat_model import TEXT, make_chat_model, no_slot_cache
+from tests._chat_model import TEXT, make_chat_model, new_prompts, scripted_slot_cache
 from tests._server import serving
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -216,20 +216,20 @@ class ScriptedChat(nn.Module):
     def new_kv_cache(self, batch, max_len, pad=None, dtype=None):
         return None
 
-    new_slot_cache = staticmethod(no_slot_cache)  # the script needs no cache
+    new_slot_cache = staticmethod(scripted_slot_cache)
 
-    def forward(self, idx, kv_cache=None):
-        if idx.size(1) > 1:  # a prefill: a new request's prompt
-            self.prompts.append(idx[0].tolist())
+    def forward(self, idx, kv_cache=None, logits_at=None):
+        for prompt in new_prompts(idx, kv_cache):  # a prefill: a new request's prompt
+            self.prompts.append(prompt)
             self.pos = 0
         n = len(self.prompts) - 1
         if n in self.holds and self.pos >= self.holds[n]:
             self._released[n].wait(WAIT_S)
         script = self.replies[min(n, len(self.replies) - 1)]
         logits = torch.full((idx.size(0), idx.size(1), self.vocab), -1e4)
-        logits[:, -1, script[min(self.pos, len(script) - 1)]] = 1e4
+        logits[:, :, script[min(self.pos, len(script) - 1)]] = 1e4
         self.pos += 1
-        return logits
+        return logits if logits_at is None else logits[:, logits_at]
 
 
 @pytest.fixture(scope="module")

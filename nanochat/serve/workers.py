@@ -4,8 +4,9 @@ A request becomes a Job, which carries its request's `Sampling` (settings and se
 does not depend on its neighbours. A worker batches in one of two ways (`batching`):
 
 - continuous: the worker keeps up to `max_batch` replies in flight (engine.ContinuousBatch). Before
-  every decode step it admits waiting jobs into free slots (each prompt prefilled on its own), and a
-  reply that ends leaves at once, freeing its slot: a request never waits for a batch to finish.
+  every decode step it admits waiting jobs into free slots (their prompts are prefilled in that
+  step's forward pass, beside the running replies' tokens), and a reply that ends leaves at once,
+  freeing its slot: a request never waits for a batch to finish.
 - static: the worker takes the oldest waiting job with whatever else is waiting (up to `max_batch`
   jobs whose prompts and budgets fit the context side by side) and writes them in one batched
   generation (Engine.generate) until the last ends; jobs that arrive meanwhile wait for the next
@@ -250,7 +251,7 @@ class WorkerPool:
                 del left[job]
 
         while running or held or not stopping:
-            admitting: list[Job] = []  # jobs taken now: prefilled together, in one forward pass
+            admitting: list[Job] = []  # jobs taken now: prefilled in the next step's forward pass
             while not stopping or held:  # block for a job only when nothing is running or admitted
                 try:
                     job = held or (self._jobs.get_nowait() if running or admitting else self._jobs.get())
@@ -273,7 +274,7 @@ class WorkerPool:
                 try:
                     slots = batch.admit_many([(job.prompt, job.sampling, job.n) for job in admitting])
                 except Exception as e:
-                    log.exception("prefill failed")
+                    log.exception("admission failed")
                     for job in admitting:
                         self._finish(job, GenerationFailed(f"generation failed: {type(e).__name__}: {e}"))
                 else:

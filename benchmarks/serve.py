@@ -29,6 +29,7 @@ import json
 import os
 import random
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -155,31 +156,41 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each rate, the modes taking turns; the table shows each figure's median")
     args = parser.parse_args()
     modes = ("static", "continuous")
-    rows = []
+    runs: dict[tuple[float, str], list[tuple]] = {}
     with contextlib.ExitStack() as stack:
         bases = {batching: stack.enter_context(server(args.run, batching, args.max_batch)) for batching in modes}
-        name = httpx2.get(f"{bases['static']}/health").json()["model"]
+        health = httpx2.get(f"{bases['static']}/health").json()
         for rate in args.rates:
             requests = schedule(rate, args.seconds, args.max_tokens, args.seed)
-            for batching in modes:
-                results, wall = asyncio.run(load(bases[batching], requests, args.timeout))
-                done = [r for r in results if r.ok]
-                ttft = [r.ttft for r in done if r.ttft is not None]
-                gaps = [g for r in done for g in r.gaps]
-                rows.append((rate, batching, len(requests), len(done), sum(r.tokens for r in done) / wall,
-                             pct(ttft, 0.5), pct(ttft, 0.99), pct(gaps, 0.5), pct(gaps, 0.99)))
-                print(f"rate {rate:g}/s, {batching}: {len(done)}/{len(requests)} completed", flush=True)
-    print(f"\nnanochat serve, {name}, CPU, one worker, --max-batch {args.max_batch}; {args.seconds:g} s of Poisson "
-          f"arrivals per rate, max_tokens from {args.max_tokens}\n")
+            for repeat in range(args.repeats):
+                for batching in modes:
+                    results, wall = asyncio.run(load(bases[batching], requests, args.timeout))
+                    done = [r for r in results if r.ok]
+                    ttft = [r.ttft for r in done if r.ttft is not None]
+                    gaps = [g for r in done for g in r.gaps]
+                    runs.setdefault((rate, batching), []).append(
+                        (len(done), sum(r.tokens for r in done) / wall, pct(ttft, 0.5), pct(ttft, 0.99),
+                         pct(gaps, 0.5), pct(gaps, 0.99)))
+                    print(f"rate {rate:g}/s, {batching}, run {repeat + 1}: {len(done)}/{len(requests)} completed, "
+                          f"{runs[rate, batching][-1][1]:.0f} tok/s", flush=True)
+    print(f"\nnanochat serve, {health['model']}, CPU, one engine process each, --max-batch {args.max_batch}; "
+          f"{args.seconds:g} s of Poisson arrivals per rate, max_tokens from {args.max_tokens}"
+          + (f"; medians of {args.repeats} runs" if args.repeats > 1 else "") + "\n")
     print("| rate (req/s) | batching | completed | completion tok/s | TTFT p50 (s) | TTFT p99 (s) | ITL p50 (ms) "
           "| ITL p99 (ms) | throughput vs static |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
-    static = {row[0]: row[4] for row in rows if row[1] == "static"}
-    for rate, batching, sent, done, tps, t50, t99, i50, i99 in rows:
-        print(f"| {rate:g} | {batching} | {done}/{sent} | {tps:.1f} | {t50:.2f} | {t99:.2f} | {1000 * i50:.0f} | "
-              f"{1000 * i99:.0f} | {tps / static[rate]:.2f}× |")
+    for (rate, batching), figures in runs.items():
+        sent = len(schedule(rate, args.seconds, args.max_tokens, args.seed))
+        done, tps, t50, t99, i50, i99 = (statistics.median(column) for column in zip(*figures, strict=True))
+        static = statistics.median(f[1] for f in runs[rate, "static"])
+        each = "" if len(figures) == 1 else " (" + ", ".join(
+            f"{c[1] / s[1]:.2f}" for c, s in zip(figures, runs[rate, "static"], strict=True)) + ")"
+        print(f"| {rate:g} | {batching} | {done:g}/{sent} | {tps:.1f} | {t50:.2f} | {t99:.2f} | {1000 * i50:.0f} | "
+              f"{1000 * i99:.0f} | {tps / static:.2f}×{each if batching != 'static' else ''} |")
 
 
 if __name__ == "__main__":

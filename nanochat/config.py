@@ -641,20 +641,26 @@ class ServeConfig:
     """Address to listen on; 0.0.0.0 lets other machines in (set an --api-key then)."""
     port: int = 8000
     workers: int = 1
-    """Generation threads sharing the model on CPU or MPS (on CUDA: one per GPU, each with its own copy)."""
+    """Engine processes, each with its own copy of the model, on CPU or MPS (on CUDA: one per GPU)."""
     max_batch: int = 8
     """Replies a worker writes at once."""
     batching: Literal["continuous", "static"] = "continuous"
     """continuous: a request joins the running batch at its next step and leaves it when its reply ends;
     static: requests waiting together are written as one batch, which runs until its last reply ends."""
+    prefill_chunk: int = 512
+    """Continuous batching: most prompt tokens one decode step carries; a longer prompt is prefilled over
+    several steps, so the replies being written are never held up for long."""
+    threads: int = 0
+    """Intra-op threads of each engine process; 0: one core is left to the HTTP server and the others are
+    shared out between the engine processes (at least one each)."""
     max_queue: int = 64
     """Requests that may wait for a free worker; more get 503 (overloaded)."""
     api_key: str = ""
     """Require `Authorization: Bearer <key>` on /v1/* (else $NANOCHAT_API_KEY; neither: open)."""
 
     def __post_init__(self) -> None:
-        check_positive(self, "workers", "max_batch")
-        check_positive(self, "max_queue", "port", allow_zero=True)
+        check_positive(self, "workers", "max_batch", "prefill_chunk")
+        check_positive(self, "max_queue", "port", "threads", allow_zero=True)
         if self.port > 65535:
             raise ConfigError(f"--port must be at most 65535 (got {self.port})")
 

@@ -28,7 +28,7 @@ from nanochat.calculator import CalculatorError, calculate
 from nanochat.chat_format import ReplyText, stop_ids
 from nanochat.config import ModelSource
 from nanochat.gpt import GPT, eval_mode
-from nanochat.runs import find_model, load_model
+from nanochat.runs import display_name, find_model, load_model
 from nanochat.runtime import Runtime
 from nanochat.tokenizer import Tokenizer
 
@@ -408,4 +408,4 @@ def load_engine(source: ModelSource, rt: Runtime) -> tuple[Engine, str]:
     """An engine over the model `source` names, and that model's display name (`run/stage@step`)."""
     path, name = find_model(source.run, source.stage, source.checkpoint)
     model, tok, meta = load_model(path, rt)
-    return Engine(model, tok, rt), f"{name}@{meta.get('step', 0)}"
+    return Engine(model, tok, rt), display_name(name, meta)

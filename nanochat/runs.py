@@ -134,15 +134,22 @@ def build_model(meta: dict, rt: Runtime | None = None) -> GPT:
         return GPT(ModelConfig.from_saved(meta["config"]["model"]), meta["tokenizer"]["vocab_size"])
 
 
-def load_model(path: str | Path, rt: Runtime) -> tuple[GPT, Tokenizer, dict]:
-    """The model saved in checkpoint directory `path`, verified, with the tokenizer it was trained with."""
-    path = Path(path)
-    meta = read_meta(path)
+def checkpoint_tokenizer(path: str | Path, meta: dict | None = None) -> Tokenizer:
+    """The tokenizer the model in checkpoint directory `path` was trained with, checked to be unchanged."""
+    meta = read_meta(Path(path)) if meta is None else meta
     name = meta["tokenizer"]["name"]
     tok = load_tokenizer(name)
     if tokenizer_identity(name, tok)["sha256"] != meta["tokenizer"]["sha256"]:
         raise NanochatError(f"tokenizer '{name}' changed since {path} was trained; "
                             "retrain the model or restore that tokenizer")
+    return tok
+
+
+def load_model(path: str | Path, rt: Runtime) -> tuple[GPT, Tokenizer, dict]:
+    """The model saved in checkpoint directory `path`, verified, with the tokenizer it was trained with."""
+    path = Path(path)
+    meta = read_meta(path)
+    tok = checkpoint_tokenizer(path, meta)
     model = build_model(meta, rt)
     load_checkpoint(path, model, verify=False)
     return model, tok, meta
@@ -154,6 +161,11 @@ def load_stage_model(run: str, stage: str, rt: Runtime) -> tuple[GPT, Tokenizer,
     if path is None:
         raise missing_stage_error(run, stage)
     return load_model(path, rt)
+
+
+def display_name(name: str, meta: dict) -> str:
+    """How a loaded model is shown (`run/stage@step`), from find_model's name and the checkpoint's meta."""
+    return f"{name}@{meta.get('step', 0)}"
 
 
 def find_model(run: str, stage: str = "auto", checkpoint: str = "") -> tuple[Path, str]:

@@ -536,10 +536,10 @@ def test_a_model_without_a_slot_cache_is_served_by_the_static_batcher(model, cap
 
 def test_a_job_hands_out_queued_pieces_joined_and_each_on_its_own_when_kept_up_with():
     from nanochat.engine import Sampling
-    from nanochat.serve.workers import Finished, Job, emit_all
+    from nanochat.serve.workers import Finished, Job, LoopOutlet, emit_all
 
     async def scenario():
-        job = Job([1], Sampling(), asyncio.get_running_loop(), n=2)
+        job = Job([1], Sampling(), LoopOutlet(asyncio.get_running_loop()), n=2)
         events = job.events()
         emit_all([(job, (0, "a")), (job, (0, "b")), (job, (1, "x")), (job, (0, "c"))])  # one step's news
         await asyncio.sleep(0)  # the worker's call lands: everything is queued before it is read

@@ -10,7 +10,6 @@ OpenAI's own. The command's options are config.ServeConfig.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import secrets
@@ -22,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import torch
 import uvicorn
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -33,10 +31,13 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
 from nanochat.chat_format import render_for_completion
+from nanochat.checkpoint import read_meta
 from nanochat.config import ServeConfig, parse_config
-from nanochat.engine import Engine, Sampling, load_engine
+from nanochat.engine import Engine, Sampling
+from nanochat.runs import checkpoint_tokenizer, display_name, find_model
 from nanochat.runtime import init_runtime
 from nanochat.serve.metrics import CountStatus, ServerMetrics
+from nanochat.serve.processes import ProcessPool, engine_makers
 from nanochat.serve.workers import Finished, GenerationFailed, Job, Overloaded, WorkerPool
 from nanochat.tokenizer import Tokenizer, TokenizerError
 
@@ -257,7 +258,7 @@ async def _reply_events(pool: WorkerPool, job: Job, stops: Sequence[str], metric
             if job.n == 1:
                 pool.cancel(job)
             else:
-                job.stopped.add(i)
+                pool.stop_choice(job, i)
 
 
 def _sse(data: dict | str) -> str:
@@ -320,18 +321,22 @@ class RequireApiKey:
 # The app
 
 
-def create_app(engines: Engine | Sequence[Engine], model_name: str, *, api_key: str | None = None,
+def create_app(workers: Engine | Sequence[Engine] | WorkerPool, model_name: str, *, api_key: str | None = None,
                max_queue: int = 64, max_batch: int = 8, batching: str = "continuous") -> FastAPI:
-    """The server over `engines`, one worker thread each (repeat an engine to share its model),
-    each writing up to `max_batch` replies at once. Workers start and stop with the app's
-    lifespan, which uvicorn runs."""
-    engines = [engines] if isinstance(engines, Engine) else list(engines)
-    for engine in engines:
-        # Engine.generate (gpt.eval_mode) restores the train/eval mode it found; with threads sharing
-        # a model that restore would race, so the models are put in eval mode for good.
-        engine.model.eval()
-    pool = WorkerPool(engines, max_queue, max_batch, batching)
-    tok, context = engines[0].tok, engines[0].context
+    """The server over a pool of workers: `workers` engines, one worker thread each in this process
+    (repeat an engine to share its model), each writing up to `max_batch` replies at once; or a pool
+    built already (`nanochat serve`: a processes.ProcessPool, which has its own queue and batch
+    settings). Workers start (if they have not) and stop with the app's lifespan, which uvicorn runs."""
+    if isinstance(workers, WorkerPool):
+        pool = workers
+    else:
+        engines = [workers] if isinstance(workers, Engine) else list(workers)
+        for engine in engines:
+            # Engine.generate (gpt.eval_mode) restores the train/eval mode it found; with threads sharing
+            # a model that restore would race, so the models are put in eval mode for good.
+            engine.model.eval()
+        pool = WorkerPool(engines, max_queue, max_batch, batching)
+    tok = pool.tok
     card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "nanochat"}
 
     @asynccontextmanager
@@ -379,7 +384,7 @@ def create_app(engines: Engine | Sequence[Engine], model_name: str, *, api_key: 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
         arrived = time.perf_counter()
-        prompt, sampling = _prepare(req, tok, context)
+        prompt, sampling = _prepare(req, tok, pool.context)
         try:
             job = pool.submit(prompt, sampling, req.n or 1)
         except Overloaded as e:
@@ -439,30 +444,34 @@ def _add_error_handlers(app: FastAPI) -> None:
 # nanochat serve
 
 
-def load_engines(cfg: ServeConfig) -> tuple[list[Engine], str]:
-    """One engine per CUDA GPU, or `--workers` references to one engine elsewhere; and the model's name."""
+def engine_pool(cfg: ServeConfig) -> tuple[ProcessPool, str, str]:
+    """The engine processes `nanochat serve` runs (one per CUDA GPU, else --workers), not started;
+    the model's display name; and the device type."""
     rt = init_runtime(cfg.source.runtime.device, cfg.source.runtime.dtype)
-    if rt.device.type != "cuda":
-        engine, name = load_engine(cfg.source, rt)
-        return [engine] * cfg.workers, name
-    loaded = [load_engine(cfg.source, dataclasses.replace(rt, device=torch.device("cuda", i)))
-              for i in range(torch.cuda.device_count())]
-    return [engine for engine, _ in loaded], loaded[0][1]
+    path, name = find_model(cfg.source.run, cfg.source.stage, cfg.source.checkpoint)
+    meta = read_meta(path)
+    pool = ProcessPool(engine_makers(cfg.source, rt, cfg.workers), checkpoint_tokenizer(path, meta), cfg.max_queue,
+                       cfg.max_batch, cfg.batching, cfg.prefill_chunk, cfg.threads)
+    return pool, display_name(name, meta), rt.device.type
 
 
 def cli(argv: list[str]) -> int:
     cfg = parse_config(ServeConfig, argv, prog="nanochat serve",
                        description="Chat with a trained model in the browser, or through the OpenAI-compatible "
                                    "API at /v1 (any OpenAI client: base_url=http://HOST:PORT/v1).")
-    engines, name = load_engines(cfg)
+    pool, name, device = engine_pool(cfg)
     api_key = cfg.api_key or os.environ.get("NANOCHAT_API_KEY", "")
-    app = create_app(engines, name, api_key=api_key or None, max_queue=cfg.max_queue, max_batch=cfg.max_batch,
-                     batching=cfg.batching)
-    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-    url = f"http://{host}:{cfg.port}"
-    print(f"nanochat serve: {name} on {len(engines)} {engines[0].rt.device.type} worker(s), {cfg.batching} batches "
-          f"of up to {cfg.max_batch}"
-          + ("; /v1 needs the API key" if api_key else ""))
-    print(f"  chat:  {url}/\n  API:   {url}/v1  (OpenAI-compatible)", flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+    print(f"nanochat serve: loading {name} in {pool.workers} {device} engine process(es), {pool.threads} thread(s) "
+          "each…", flush=True)
+    pool.start()
+    try:
+        app = create_app(pool, name, api_key=api_key or None)
+        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+        url = f"http://{host}:{cfg.port}"
+        print(f"nanochat serve: {name}, {cfg.batching} batches of up to {cfg.max_batch} per process"
+              + ("; /v1 needs the API key" if api_key else ""))
+        print(f"  chat:  {url}/\n  API:   {url}/v1  (OpenAI-compatible)", flush=True)
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+    finally:
+        pool.stop()
     return 0

@@ -1,4 +1,6 @@
 """Generation off the event loop: a pool of worker threads, one per engine, fed from one queue.
+`nanochat serve` runs this pool inside each engine process (processes.py); `create_app` over
+engines runs it in the server's own process (tests, and Python users).
 
 A request becomes a Job, which carries its request's `Sampling` (settings and seed); its reply
 does not depend on its neighbours. A worker batches in one of two ways (`batching`):
@@ -24,13 +26,14 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from nanochat.chat_format import ReplyText
 from nanochat.engine import ContinuousBatch, Engine, Sampling
+from nanochat.tokenizer import Tokenizer
 
 log = logging.getLogger("nanochat.serve")
 
@@ -50,18 +53,34 @@ class Finished:
     index: int = 0  # which choice of the job
 
 
+@dataclass(frozen=True)
+class LoopOutlet:
+    """Where the events of jobs waited for in this process go: their event loop, which takes a
+    batch of them in one wake-up. (A job in an engine process has a pipe to the server instead:
+    processes.PipeOutlet.)"""
+
+    loop: asyncio.AbstractEventLoop
+
+    def deliver(self, batch: list[tuple[Job, object]]) -> None:
+        try:
+            self.loop.call_soon_threadsafe(_deliver, batch)
+        except RuntimeError:  # the loop is closed: the server stopped, nobody is listening
+            for job, _ in batch:
+                job.cancelled.set()
+
+
 class Job:
     """One request to answer: the prompt, how to sample it, how many choices (`n`, continuous
-    batching: they share the prompt's prefill; choice i samples with seed + i), and the way back to
-    the event loop that waits for it."""
+    batching: they share the prompt's prefill; choice i samples with seed + i), and the outlet its
+    events go to (the event loop that waits for it)."""
 
-    def __init__(self, prompt: list[int], sampling: Sampling, loop: asyncio.AbstractEventLoop, n: int = 1):
-        self.prompt, self.sampling, self.n = prompt, sampling, n
+    def __init__(self, prompt: list[int], sampling: Sampling, outlet: LoopOutlet, n: int = 1, id: int = 0):
+        self.prompt, self.sampling, self.n, self.id = prompt, sampling, n, id
         self.cancelled = threading.Event()
         self.stopped: set[int] = set()  # choices the client needs no more of (a stop string came)
         self.state = "waiting"  # -> "running" -> "done"; guarded by the pool's lock
         self.results: list[Finished | None] = [None] * n
-        self._loop, self._events = loop, asyncio.Queue()
+        self.outlet, self._events = outlet, asyncio.Queue()
 
     def emit(self, item: tuple[int, str] | Finished | GenerationFailed) -> None:
         """Hand an item to the event loop (called from the worker thread): (choice, text), a choice's end,
@@ -100,17 +119,14 @@ def _joined(items: list) -> list:
 
 
 def emit_all(items: Sequence[tuple[Job, tuple[int, str] | Finished | GenerationFailed]]) -> None:
-    """Hand items to their jobs' event loops, from a worker thread: one wake-up of each loop for all of
-    them (a decode step's tokens for every running job), not one per item."""
-    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    """Hand items to their jobs' outlets, from a worker thread: one delivery to each outlet for all
+    of them (a decode step's tokens for every running job), not one per item."""
+    by_outlet: dict[LoopOutlet, list] = {}
     for job, item in items:
-        by_loop.setdefault(job._loop, []).append((job, item))
-    for loop, batch in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_deliver, batch)
-        except RuntimeError:  # the loop is closed: the server stopped, nobody is listening
-            for job, _ in batch:
-                job.cancelled.set()
+        by_outlet.setdefault(job.outlet, []).append((job, item))
+    for outlet, batch in by_outlet.items():
+        if batch:
+            outlet.deliver(batch)
 
 
 def _post(job: Job, item, outbox: list | None) -> None:
@@ -128,16 +144,29 @@ def _deliver(batch: list[tuple[Job, object]]) -> None:
 
 class WorkerPool:
     """One thread per entry of `engines` (an engine may appear several times: threads sharing a
-    model on the CPU), each writing up to `max_batch` replies at once, first come, first served."""
+    model on the CPU), each writing up to `max_batch` replies at once, first come, first served.
+    `prefill_chunk`: prompt tokens a continuous batch's step may carry. `on_started` is told of the
+    jobs a worker takes (an engine process reports them to the server)."""
 
-    def __init__(self, engines: Sequence[Engine], max_queue: int, max_batch: int = 8, batching: str = "continuous"):
+    def __init__(self, engines: Sequence[Engine], max_queue: int, max_batch: int = 8, batching: str = "continuous",
+                 prefill_chunk: int = 512, on_started: Callable[[list[Job]], None] | None = None):
         if batching not in ("continuous", "static"):
             raise ValueError(f"batching must be 'continuous' or 'static', not {batching!r}")
         self.engines, self.max_queue, self.max_batch, self.batching = list(engines), max_queue, max_batch, batching
+        self.workers, self.prefill_chunk, self.on_started = len(self.engines), prefill_chunk, on_started
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._waiting = self._busy = self._busy_workers = 0
         self._threads: list[threading.Thread] = []
+
+    @property
+    def tok(self) -> Tokenizer:
+        return self.engines[0].tok
+
+    @property
+    def context(self) -> int:
+        """Most tokens one sequence (prompt and reply) may hold."""
+        return self.engines[0].context
 
     def start(self) -> None:
         work = self._work_continuous if self.batching == "continuous" else self._work
@@ -154,7 +183,7 @@ class WorkerPool:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return {"workers": len(self.engines), "max_batch": self.max_batch, "busy": self._busy,
+            return {"workers": self.workers, "max_batch": self.max_batch, "busy": self._busy,
                     "waiting": self._waiting, "max_queue": self.max_queue}
 
     def submit(self, prompt: list[int], sampling: Sampling, n: int = 1) -> Job:
@@ -162,15 +191,28 @@ class WorkerPool:
         if n > 1 and (self.batching != "continuous" or n > self.max_batch):
             raise ValueError(f"n = {n} needs continuous batching with --max-batch ≥ n (here: {self.batching}, "
                              f"--max-batch {self.max_batch})")
-        job = Job(prompt, sampling, asyncio.get_running_loop(), n)
+        job = Job(prompt, sampling, LoopOutlet(asyncio.get_running_loop()), n)
+        self.add(job)
+        return job
+
+    def add(self, job: Job, limit: bool = True) -> None:
+        """Count `job` as waiting and hand it to the workers; with `limit`, raise Overloaded instead
+        when the queue is full."""
         with self._lock:
-            idle_workers = len(self.engines) - self._busy_workers
-            if self._waiting >= self.max_queue + idle_workers:
-                raise Overloaded(f"all {len(self.engines)} workers are busy and {self._waiting} requests are "
+            idle_workers = self.workers - self._busy_workers
+            if limit and self._waiting >= self.max_queue + idle_workers:
+                raise Overloaded(f"all {self.workers} workers are busy and {self._waiting} requests are "
                                  "already waiting; try again shortly")
             self._waiting += 1
+        self.put(job)
+
+    def put(self, job: Job) -> None:
+        """Hand a counted job to the workers."""
         self._jobs.put(job)
-        return job
+
+    def stop_choice(self, job: Job, index: int) -> None:
+        """The client needs no more of choice `index` (a stop string came): its slot frees at the next step."""
+        job.stopped.add(index)
 
     def cancel(self, job: Job) -> None:
         """Stop a job: a waiting one gives its place back now, a running one stops at its next
@@ -210,6 +252,8 @@ class WorkerPool:
                 self._waiting -= len(batch)
                 self._busy += len(batch)
                 self._busy_workers += bool(batch)
+            if batch and self.on_started:
+                self.on_started(batch)
             if batch:
                 self._run(engine, batch)
                 with self._lock:
@@ -223,13 +267,15 @@ class WorkerPool:
             job.state = "running"
             self._waiting -= 1
             self._busy += 1
-            return True
+        if self.on_started:
+            self.on_started([job])
+        return True
 
     def _work_continuous(self, engine: Engine) -> None:
         if engine.rt.device.type == "cuda":
             torch.cuda.set_device(engine.rt.device)
         try:
-            batch = ContinuousBatch(engine, self.max_batch)
+            batch = ContinuousBatch(engine, self.max_batch, prefill_chunk=self.prefill_chunk)
         except Exception:  # a model that cannot keep a slot cache is still served, by the static batcher
             log.exception("continuous batching is not available for this model; batching statically")
             self._work(engine)

@@ -1,0 +1,287 @@
+"""Engines in processes of their own: what `nanochat serve` runs, so that the server's event loop
+and a decode loop never share a GIL.
+
+A decode step of a small model is mostly Python (a few hundred small tensor operations), and in
+one process the event loop's share of every streamed token (the ASGI stack, SSE framing, socket
+writes) is taken from the decode loop, turn by turn on the GIL: the whole server process never
+used more than one core. Measured on the tiny model at 32 requests/s with one thread: a continuous
+step took 10.4 ms in a one-process server (9.2 ms when the same requests did not stream) against
+8.1-8.7 ms on its own; in an engine process it takes what it takes on its own, and the server's
+throughput rose by a third (benchmarks/README.md, Serving).
+
+Each child process builds its engine (`make_engine`, a picklable callable: load_engine with the
+model source and runtime) and runs the same WorkerPool as the in-process server, with one
+thread. The server side, ProcessPool, keeps what the in-process pool keeps (the admission counts
+behind 503, /health and /metrics) and talks to each child over a pipe: a job (its id, prompt,
+sampling and n), a cancellation or a stopped choice goes down; the jobs a child takes, and each
+decode step's events (text pieces, finished choices, failures) in one message, come up, and a
+reader thread hands them to the event loop as the in-process workers do. A child that dies fails
+its jobs with a clear error; the others go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from nanochat.config import ModelSource
+from nanochat.engine import Engine, load_engine
+from nanochat.errors import NanochatError
+from nanochat.runtime import Runtime
+from nanochat.serve.workers import Finished, GenerationFailed, Job, WorkerPool, emit_all
+from nanochat.tokenizer import Tokenizer
+
+log = logging.getLogger("nanochat.serve")
+
+EngineMaker = Callable[[], "Engine | tuple[Engine, str]"]
+
+
+class PipeOutlet:
+    """Where the events of a child's jobs go: up the pipe to the server, one message a delivery."""
+
+    def __init__(self, conn):
+        self.conn, self.lock = conn, threading.Lock()
+
+    def send(self, message: tuple) -> None:
+        with self.lock:
+            self.conn.send(message)
+
+    def deliver(self, batch: list[tuple[Job, object]]) -> None:
+        self.send(("events", [(job.id, item) for job, item in batch]))
+
+
+def engine_makers(source: ModelSource, rt: Runtime, workers: int) -> list[EngineMaker]:
+    """What each engine process builds: the model `source` names, on `rt`'s device: one process per
+    CUDA GPU, else `workers` of them."""
+    if rt.device.type == "cuda":
+        return [functools.partial(load_engine, source, dataclasses.replace(rt, device=torch.device("cuda", i)))
+                for i in range(torch.cuda.device_count())]
+    return [functools.partial(load_engine, source, rt)] * workers
+
+
+def _child(make_engine: EngineMaker, conn, max_batch: int, batching: str, prefill_chunk: int, threads: int) -> None:
+    """An engine process: build the engine, say "ready" (or why not), then take jobs from the pipe
+    until told to stop or the server is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle; it stops us
+    torch.set_num_threads(threads)
+    outlet = PipeOutlet(conn)
+    try:
+        engine = make_engine()
+        engine = engine[0] if isinstance(engine, tuple) else engine
+        engine.model.eval()
+    except Exception as e:
+        outlet.send(("failed", f"{type(e).__name__}: {e}"))
+        return
+    pool = WorkerPool([engine], max_queue=0, max_batch=max_batch, batching=batching, prefill_chunk=prefill_chunk,
+                      on_started=lambda jobs: outlet.send(("started", [job.id for job in jobs])))
+    pool.start()
+    outlet.send(("ready", engine.context))
+    jobs: weakref.WeakValueDictionary[int, Job] = weakref.WeakValueDictionary()  # each gone once finished
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the server is gone
+            break
+        kind = message[0]
+        if kind == "job":
+            _, job_id, prompt, sampling, n = message
+            job = jobs[job_id] = Job(prompt, sampling, outlet, n, id=job_id)
+            pool.add(job, limit=False)  # the server has counted it
+        elif kind == "cancel" and (job := jobs.get(message[1])) is not None:
+            pool.cancel(job)
+        elif kind == "stop_choice" and (job := jobs.get(message[1])) is not None:
+            pool.stop_choice(job, message[2])
+        elif kind == "stop":
+            break
+    pool.stop()
+
+
+@dataclass
+class _Sent:
+    """A job handed to a child, until the child has finished it."""
+
+    job: Job
+    finished: int = 0  # its choices that have ended
+
+
+@dataclass(eq=False)
+class _Child:
+    process: multiprocessing.process.BaseProcess
+    outlet: PipeOutlet
+    sent: dict[int, _Sent] = field(default_factory=dict)  # by job id
+    running: int = 0  # jobs it has taken, of those sent
+    alive: bool = True
+
+
+def default_threads(processes: int) -> int:
+    """Intra-op threads for each of `processes` engine processes: the cores but one, which is left to
+    the HTTP server (and clients on the same machine), shared out, at least one each. Measured on
+    the 2-core development machine, tiny model, 48 requests/s: with PyTorch's default of 2 threads
+    an engine process wrote half the tokens per second it writes with 1, since its OpenMP threads
+    and the server's event loop took turns on the same cores."""
+    return max(1, ((os.cpu_count() or 1) - 1) // processes)
+
+
+class ProcessPool(WorkerPool):
+    """WorkerPool's interface over engine processes, one per entry of `makers`, each writing up to
+    `max_batch` replies at once. `tok` is the model's tokenizer, for the server's own use (prompts,
+    validation); each child loads its own model and tokenizer. `threads`: each child's intra-op
+    threads (0: default_threads)."""
+
+    def __init__(self, makers: Sequence[EngineMaker], tok: Tokenizer, max_queue: int, max_batch: int = 8,
+                 batching: str = "continuous", prefill_chunk: int = 512, threads: int = 0):
+        super().__init__([], max_queue, max_batch, batching, prefill_chunk)
+        self.makers, self._tok = list(makers), tok
+        self.workers = len(self.makers)
+        self.threads = threads or default_threads(self.workers)
+        self._context: int | None = None
+        self._children: list[_Child] = []
+        self._child_of: dict[int, _Child] = {}  # job id -> the child it was sent to, until the job is done
+        self._ids = itertools.count()
+
+    @property
+    def tok(self) -> Tokenizer:
+        return self._tok
+
+    @property
+    def context(self) -> int:
+        if self._context is None:
+            raise RuntimeError("the engine processes have not started")
+        return self._context
+
+    def start(self) -> None:
+        """Start the engine processes and wait until each has its model loaded (a no-op once started).
+        Raises NanochatError with the child's own message when one cannot build its engine."""
+        if self._children:
+            return
+        spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no threads or CUDA state inherited
+        for i, make in enumerate(self.makers):
+            here, there = spawn.Pipe()
+            process = spawn.Process(target=_child, name=f"nanochat-engine-{i}", daemon=True,
+                                    args=(make, there, self.max_batch, self.batching, self.prefill_chunk, self.threads))
+            process.start()
+            there.close()
+            self._children.append(_Child(process, PipeOutlet(here)))
+        for child in self._children:
+            try:
+                kind, value = child.outlet.conn.recv()
+            except (EOFError, OSError):
+                child.process.join(5)
+                kind, value = "failed", f"it exited with code {child.process.exitcode}"
+            if kind != "ready":
+                self.stop()
+                raise NanochatError(f"an engine process could not start: {value}")
+            self._context = value
+        for child in self._children:
+            threading.Thread(target=self._read, args=(child,), name=f"{child.process.name}-reader", daemon=True).start()
+
+    def stop(self) -> None:
+        """Tell each child to stop, wait for it a while, then end it."""
+        for child in self._children:
+            self._send(child, ("stop",))
+        for child in self._children:
+            child.process.join(timeout=30)
+            if child.process.is_alive():
+                child.process.kill()
+        self._children = []
+
+    def put(self, job: Job) -> None:
+        """Send a counted job to the living child with the fewest unfinished jobs."""
+        job.id = next(self._ids)
+        with self._lock:
+            child = min((c for c in self._children if c.alive), key=lambda c: len(c.sent), default=None)
+            if child is None:
+                self._done(job)
+            else:
+                child.sent[job.id] = _Sent(job)
+                self._child_of[job.id] = child
+        if child is None:
+            emit_all([(job, GenerationFailed("generation failed: no engine process is running"))])
+        else:
+            self._send(child, ("job", job.id, job.prompt, job.sampling, job.n))
+
+    def cancel(self, job: Job) -> None:
+        super().cancel(job)
+        with self._lock:
+            child = self._child_of.get(job.id)
+            if child is not None and job.state == "done":  # it waited: its place is back, and its events unwanted
+                del child.sent[job.id], self._child_of[job.id]
+        if child is not None:
+            self._send(child, ("cancel", job.id))
+
+    def stop_choice(self, job: Job, index: int) -> None:
+        super().stop_choice(job, index)
+        child = self._child_of.get(job.id)
+        if child is not None:
+            self._send(child, ("stop_choice", job.id, index))
+
+    @staticmethod
+    def _send(child: _Child, message: tuple) -> None:
+        try:
+            child.outlet.send(message)
+        except OSError:  # the child is gone: its reader fails what it had
+            pass
+
+    def _done(self, job: Job, child: _Child | None = None) -> None:
+        """Count a job as done, waiting or running before (call with the lock held)."""
+        if job.state == "running":
+            self._busy -= 1
+            child.running -= 1
+            self._busy_workers -= child.running == 0
+        elif job.state == "waiting":
+            self._waiting -= 1
+        job.state = "done"
+        if child is not None:
+            del child.sent[job.id], self._child_of[job.id]
+
+    def _read(self, child: _Child) -> None:
+        """Take a child's messages: count the jobs it starts and ends, and hand each step's events to
+        their event loops (counted first, so that a client's next request finds its place free)."""
+        while True:
+            try:
+                kind, value = child.outlet.conn.recv()
+            except (EOFError, OSError):
+                break
+            with self._lock:
+                if kind == "started":
+                    for job_id in value:
+                        sent = child.sent.get(job_id)
+                        if sent is not None and sent.job.state == "waiting":
+                            sent.job.state = "running"
+                            self._waiting -= 1
+                            self._busy += 1
+                            child.running += 1
+                            self._busy_workers += child.running == 1
+                    continue
+                batch = []
+                for job_id, item in value:
+                    sent = child.sent.get(job_id)
+                    if sent is None:  # cancelled while it waited: nobody listens
+                        continue
+                    sent.finished += isinstance(item, Finished)
+                    if isinstance(item, GenerationFailed) or sent.finished == sent.job.n:
+                        self._done(sent.job, child)
+                    batch.append((sent.job, item))
+            emit_all(batch)
+        child.process.join(5)
+        with self._lock:
+            child.alive = False
+            lost = [sent.job for sent in child.sent.values()]
+            for job in lost:
+                self._done(job, child)
+        if lost:
+            log.error("%s exited (code %s) with %d request(s) unfinished", child.process.name,
+                      child.process.exitcode, len(lost))
+        emit_all([(job, GenerationFailed(f"generation failed: the engine process exited (code "
+                                         f"{child.process.exitcode})")) for job in lost])

@@ -435,6 +435,18 @@ def test_a_request_arriving_mid_reply_is_answered_before_the_reply_ends(model, b
     assert short["response"].json()["usage"]["completion_tokens"] == 3
 
 
+def test_a_reply_with_unicode_line_separators_keeps_each_event_on_one_line(model):
+    """U+2028, U+2029 and U+0085 end a line for str.splitlines, and so for httpx's iter_lines (what
+    our benchmark and many clients read a stream with); the server writes them escaped."""
+    text = "one\u2028two\x85three\u2029four"
+    engine, _ = scripted(model, text)
+    with serving(create_app(engine, "separators")) as base, httpx2.Client(base_url=base, timeout=WAIT_S) as client:
+        with client.stream("POST", CHAT, json=request(stream=True, max_tokens=40)) as response:
+            events = read_events(response)
+    chunks = [json.loads(e) for e in events[:-1]]  # each line whole: no JSONDecodeError
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == text
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_strings_end_the_reply_before_them(model, stream):
     engine, _ = scripted(model, "Hello there, the cat sat on the mat.")

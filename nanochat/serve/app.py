@@ -261,8 +261,14 @@ async def _reply_events(pool: WorkerPool, job: Job, stops: Sequence[str], metric
                 pool.stop_choice(job, i)
 
 
+# Characters that str.splitlines (and so httpx's iter_lines) takes for line ends, which JSON leaves
+# raw when not ASCII-escaping: written as \u escapes, a model's text can never cut an event's line.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _sse(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False).translate(_LINE_BREAKS)
+    return f"data: {text}\n\n"
 
 
 async def _events(events: AsyncIterator[tuple[int, str | Finished]], job: Job, reply: Reply,

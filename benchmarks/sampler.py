@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, nargs="+", default=[4096, 65536])
     parser.add_argument("--repeats", type=int, default=300)
     parser.add_argument("--temperature", type=float, default=0.6)
-    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--top-k", type=int, default=50, help="0: none (the whole vocabulary, unsorted)")
     args = parser.parse_args()
     print(f"\nsampling one token per row, temperature {args.temperature}, top-k {args.top_k}, CPU, "
           f"{torch.get_num_threads()} threads; median of {args.repeats} steps\n")
@@ -65,7 +65,7 @@ def main() -> None:
     for vocab in args.vocab:
         for rows in args.rows:
             logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(rows)) * 4
-            settings = [Sampling(temperature=args.temperature, top_k=args.top_k, seed=i) for i in range(rows)]
+            settings = [Sampling(temperature=args.temperature, top_k=args.top_k or None, seed=i) for i in range(rows)]
             generators = [torch.Generator().manual_seed(i) for i in range(rows)]
             draws = torch.rand(rows, generator=torch.Generator().manual_seed(0))
             peer = median_us(peer_step, args.repeats, logits, settings, generators)

@@ -55,6 +55,11 @@ class _Row:
     sampled: bool = True  # the row's latest token was the model's choice (False: forced, a tool's output)
 
 
+def restricts(s: Sampling, vocab_size: int) -> bool:
+    """Whether top-k or top-p cut anything off the distribution a row samples from."""
+    return bool(s.top_k and s.top_k < vocab_size) or (s.top_p is not None and s.top_p < 1.0)
+
+
 def sample(logits: torch.Tensor, settings: Sampling | Sequence[Sampling], uniforms: torch.Tensor) -> torch.Tensor:
     """One token per row of (B, V) logits: row b with its own settings (or one Sampling for all)
     and its own uniform draw uniforms[b] in [0, 1). Argmax at temperature 0; else the token whose
@@ -62,17 +67,51 @@ def sample(logits: torch.Tensor, settings: Sampling | Sequence[Sampling], unifor
     top-k and nucleus (top-p) restricted distribution at the row's temperature.
 
     One draw per row and step, the rows in one batch of tensor operations: the same distribution
-    as `torch.multinomial` row by row, at a small fraction of its cost for a batch of rows."""
+    as `torch.multinomial` row by row, at a small fraction of its cost for a batch of rows. The
+    tokens are laid out most likely first only for rows that top-k or top-p restrict (they must be
+    sorted to be cut); the others take the vocabulary's order, and no sort: sorting 8 rows of the
+    tiny model's 4,096 logits was a quarter of a decode step on the CPU."""
     B, V = logits.shape
     rows = [settings] * B if isinstance(settings, Sampling) else list(settings)
     greedy = logits.argmax(-1)
     if all(s.temperature <= 0 for s in rows):
         return greedy
+    tokens = greedy
     device = logits.device
-    temperature = torch.tensor([s.temperature if s.temperature > 0 else 1.0 for s in rows], device=device)
+    for cut in (False, True):  # each row by the one rule its own settings pick, so its token is the same in any batch
+        group = [b for b, s in enumerate(rows) if s.temperature > 0 and restricts(s, V) == cut]
+        if not group:
+            continue
+        whole = len(group) == B
+        index = None if whole else torch.tensor(group, device=device)
+        scaled = (logits if whole else logits[index]).float() / torch.tensor(
+            [rows[b].temperature for b in group], device=device)[:, None]
+        drawn = (_sample_restricted if cut else _sample_all)(scaled, [rows[b] for b in group],
+                                                             uniforms if whole else uniforms[index])
+        tokens = drawn if whole else tokens.index_copy(0, index, drawn)
+    return tokens
+
+
+def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Per row, the index whose interval of the cumulative distribution holds the draw; a draw that
+    rounds onto the total stops just below it, so the index always has a positive probability."""
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1]
+    target = torch.minimum(uniforms.to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target[:, None], right=True)[:, 0]
+
+
+def _sample_all(scaled: torch.Tensor, rows: list[Sampling], uniforms: torch.Tensor) -> torch.Tensor:
+    """Tokens of rows nothing restricts: their whole distribution, in the vocabulary's order."""
+    return _inverse_cdf(torch.softmax(scaled, -1), uniforms)
+
+
+def _sample_restricted(scaled: torch.Tensor, rows: list[Sampling], uniforms: torch.Tensor) -> torch.Tensor:
+    """Tokens of rows top-k and/or top-p restrict: the kept tokens, most likely first."""
+    V, device = scaled.size(1), scaled.device
     top_k = [min(s.top_k or V, V) for s in rows]
-    width = max(k for k, s in zip(top_k, rows, strict=True) if s.temperature > 0)
-    values, ids = torch.topk(logits.float() / temperature[:, None], width)  # sorted, most likely first
+    width = max(top_k)
+    values, ids = torch.topk(scaled, width)  # sorted, most likely first
     if min(top_k) < width:
         values = values.masked_fill(torch.arange(width, device=device) >= torch.tensor(top_k, device=device)[:, None],
                                     float("-inf"))
@@ -81,13 +120,7 @@ def sample(logits: torch.Tensor, settings: Sampling | Sequence[Sampling], unifor
         top_p = torch.tensor([s.top_p if s.top_p is not None and s.top_p < 1.0 else float("inf") for s in rows],
                              device=device)
         probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p[:, None], 0.0)  # the smallest prefix reaching top_p
-    cdf = probs.cumsum(-1)
-    pick = torch.searchsorted(cdf, (uniforms.to(cdf.dtype) * cdf[:, -1])[:, None], right=True)[:, 0]
-    pick = torch.minimum(pick, (probs > 0).sum(-1) - 1)  # a draw rounded onto the total: the last kept token
-    tokens = ids.gather(1, pick[:, None])[:, 0]
-    if all(s.temperature > 0 for s in rows):
-        return tokens
-    return torch.where(torch.tensor([s.temperature <= 0 for s in rows], device=device), greedy, tokens)
+    return ids.gather(1, _inverse_cdf(probs, uniforms)[:, None])[:, 0]
 
 
 def random_draws(settings: Sequence[Sampling], shared: bool, device: torch.device) -> torch.Tensor:

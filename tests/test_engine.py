@@ -127,6 +127,10 @@ def test_sampling_is_seeded_and_top_p_restricts():
     # draws at the very ends of [0, 1) land on the first and the last token kept
     assert sample(logits.expand(2, 4), Sampling(temperature=1.0, top_k=3), torch.tensor([0.0, 1 - 1e-9])).tolist() \
         == [0, 2]
+    # nothing restricted: the vocabulary's order, unsorted; a draw rounded onto the total (here 1.0) still
+    # lands on a token that has a chance, not on the impossible last one
+    no_last = torch.tensor([[0.0, 1.0, 2.0, float("-inf")]])
+    assert sample(no_last.expand(2, 4), Sampling(temperature=1.0), torch.tensor([0.0, 1.0])).tolist() == [0, 2]
 
 
 @pytest.mark.parametrize("settings, expected", [

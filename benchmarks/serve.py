@@ -58,7 +58,8 @@ class Result:
     ok: bool = False
 
 
-def schedule(rate: float, seconds: float, token_mix: list[int], seed: int) -> list[tuple[float, dict]]:
+def schedule(rate: float, seconds: float, token_mix: list[int], seed: int,
+             top_k: int | None = None) -> list[tuple[float, dict]]:
     """(send time, request body) of every request at one arrival rate: the same for every mode."""
     r = random.Random(f"serve-bench/{rate}/{seed}")
     t, out = 0.0, []
@@ -68,6 +69,8 @@ def schedule(rate: float, seconds: float, token_mix: list[int], seed: int) -> li
             return out
         body = {"model": "m", "messages": r.choice(PROMPTS), "stream": True, "max_tokens": r.choice(token_mix),
                 "temperature": 0.8, "seed": r.randrange(2**31), "stream_options": {"include_usage": True}}
+        if top_k:
+            body["top_k"] = top_k
         out.append((t, body))
 
 
@@ -156,6 +159,9 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="top_k in every request (default: none, as OpenAI's clients send: the sampler then "
+                             "sorts the whole vocabulary)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs of each rate, the modes taking turns; the table shows each figure's median")
     args = parser.parse_args()
@@ -165,7 +171,7 @@ def main() -> None:
         bases = {batching: stack.enter_context(server(args.run, batching, args.max_batch)) for batching in modes}
         health = httpx2.get(f"{bases['static']}/health").json()
         for rate in args.rates:
-            requests = schedule(rate, args.seconds, args.max_tokens, args.seed)
+            requests = schedule(rate, args.seconds, args.max_tokens, args.seed, args.top_k)
             for repeat in range(args.repeats):
                 for batching in modes:
                     results, wall = asyncio.run(load(bases[batching], requests, args.timeout))
@@ -179,6 +185,7 @@ def main() -> None:
                           f"{runs[rate, batching][-1][1]:.0f} tok/s", flush=True)
     print(f"\nnanochat serve, {health['model']}, CPU, one engine process each, --max-batch {args.max_batch}; "
           f"{args.seconds:g} s of Poisson arrivals per rate, max_tokens from {args.max_tokens}"
+          + (f", top_k {args.top_k}" if args.top_k else "")
           + (f"; medians of {args.repeats} runs" if args.repeats > 1 else "") + "\n")
     print("| rate (req/s) | batching | completed | completion tok/s | TTFT p50 (s) | TTFT p99 (s) | ITL p50 (ms) "
           "| ITL p99 (ms) | throughput vs static |")

@@ -86,8 +86,9 @@ def sample(logits: torch.Tensor, settings: Sampling | Sequence[Sampling], unifor
         index = None if whole else torch.tensor(group, device=device)
         scaled = (logits if whole else logits[index]).float() / torch.tensor(
             [rows[b].temperature for b in group], device=device)[:, None]
-        drawn = (_sample_restricted if cut else _sample_all)(scaled, [rows[b] for b in group],
-                                                             uniforms if whole else uniforms[index])
+        drawn_from = uniforms if whole else uniforms[index]
+        drawn = (_sample_restricted(scaled, [rows[b] for b in group], drawn_from) if cut
+                 else _inverse_cdf(torch.softmax(scaled, -1), drawn_from))  # the whole vocabulary, in its order
         tokens = drawn if whole else tokens.index_copy(0, index, drawn)
     return tokens
 
@@ -99,11 +100,6 @@ def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     total = cdf[:, -1]
     target = torch.minimum(uniforms.to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, target[:, None], right=True)[:, 0]
-
-
-def _sample_all(scaled: torch.Tensor, rows: list[Sampling], uniforms: torch.Tensor) -> torch.Tensor:
-    """Tokens of rows nothing restricts: their whole distribution, in the vocabulary's order."""
-    return _inverse_cdf(torch.softmax(scaled, -1), uniforms)
 
 
 def _sample_restricted(scaled: torch.Tensor, rows: list[Sampling], uniforms: torch.Tensor) -> torch.Tensor:

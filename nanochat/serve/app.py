@@ -35,7 +35,7 @@ from nanochat.checkpoint import read_meta
 from nanochat.config import ServeConfig, parse_config
 from nanochat.engine import Engine, Sampling
 from nanochat.runs import checkpoint_tokenizer, display_name, find_model
-from nanochat.runtime import init_runtime
+from nanochat.runtime import Runtime, pick_device, pick_dtype
 from nanochat.serve.metrics import CountStatus, ServerMetrics
 from nanochat.serve.processes import ProcessPool, engine_makers
 from nanochat.serve.workers import Finished, GenerationFailed, Job, Overloaded, WorkerPool
@@ -452,8 +452,11 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 def engine_pool(cfg: ServeConfig) -> tuple[ProcessPool, str, str]:
     """The engine processes `nanochat serve` runs (one per CUDA GPU, else --workers), not started;
-    the model's display name; and the device type."""
-    rt = init_runtime(cfg.source.runtime.device, cfg.source.runtime.dtype)
+    the model's display name; and the device type. The device and dtype are picked here but used
+    only in the engine processes (init_runtime would also make the device current here: a CUDA
+    context this process never uses)."""
+    device = pick_device(cfg.source.runtime.device)
+    rt = Runtime(device, pick_dtype(device, cfg.source.runtime.dtype))
     path, name = find_model(cfg.source.run, cfg.source.stage, cfg.source.checkpoint)
     meta = read_meta(path)
     pool = ProcessPool(engine_makers(cfg.source, rt, cfg.workers), checkpoint_tokenizer(path, meta), cfg.max_queue,

@@ -104,7 +104,12 @@ def _child(make_engine: EngineMaker, conn, max_batch: int, batching: str, prefil
             pool.stop_choice(job, message[2])
         elif kind == "stop":
             break
-    pool.stop()
+    # The server is gone or going: nobody waits for these replies. The worker must be out of the
+    # model before the interpreter shuts down (a daemon thread halted inside a torch operation at
+    # exit aborts the process: "terminate called without an active exception").
+    for job in list(jobs.values()):
+        pool.cancel(job)
+    pool.stop(wait=60)
 
 
 @dataclass

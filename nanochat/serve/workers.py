@@ -175,10 +175,14 @@ class WorkerPool:
         for thread in self._threads:
             thread.start()
 
-    def stop(self) -> None:
-        """Let each worker finish its current batch, then exit."""
+    def stop(self, wait: float | None = None) -> None:
+        """Let each worker finish its current batch, then exit; with `wait`, wait up to that many
+        seconds for each."""
         for _ in self._threads:
             self._jobs.put(None)
+        if wait is not None:
+            for thread in self._threads:
+                thread.join(wait)
         self._threads = []
 
     def stats(self) -> dict[str, int]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
+import time
 
 import httpx2
 import pytest
@@ -28,6 +28,14 @@ RT = init_runtime(device="cpu")
 CHAT = "/v1/chat/completions"
 WAIT_S = 60
 SOURCE = ModelSource(run="t", runtime=DeviceConfig(device="cpu"))
+
+
+def wait_until(condition, what: str) -> None:
+    """Poll `condition` until it holds; fail after WAIT_S seconds instead of hanging."""
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting: {what}"
+        time.sleep(0.01)
 
 
 def request(stream: bool = False, **fields) -> dict:
@@ -97,8 +105,7 @@ def test_a_client_that_goes_away_frees_its_slot_in_the_child(both, monkeypatch):
             lines = (line for line in response.iter_lines() if line.startswith("data: "))
             next(lines), next(lines)  # the role, then the first piece: the reply is being written
             assert client.get("/health").json()["busy"] == 1
-        while not ends:  # the cancellation crosses to the child, which frees the slot at its next step
-            threading.Event().wait(0.01)
+        wait_until(lambda: ends, "the child to end the abandoned reply")  # it frees the slot at its next step
         assert ends[0].completion_tokens < 480
         health = client.get("/health").json()
         assert (health["busy"], health["waiting"]) == (0, 0)
@@ -114,8 +121,7 @@ def test_a_full_queue_is_refused_by_the_server_before_the_child_hears_of_it(home
             next(lines), next(lines)  # running: the child said it started it
             refused = client.post(CHAT, json=request(max_tokens=3))
             assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
-        while client.get("/health").json()["busy"]:
-            threading.Event().wait(0.05)
+        wait_until(lambda: client.get("/health").json()["busy"] == 0, "the abandoned reply to end")
         assert client.post(CHAT, json=request(max_tokens=3)).status_code == 200
 
 

@@ -31,7 +31,7 @@ import signal
 import threading
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -44,7 +44,7 @@ from nanochat.tokenizer import Tokenizer
 
 log = logging.getLogger("nanochat.serve")
 
-EngineMaker = Callable[[], "Engine | tuple[Engine, str]"]
+EngineMaker = Callable[[], tuple[Engine, str]]  # load_engine with its arguments bound
 
 
 class PipeOutlet:
@@ -77,8 +77,7 @@ def _child(make_engine: EngineMaker, conn, max_batch: int, batching: str, prefil
     torch.set_num_threads(threads)
     outlet = PipeOutlet(conn)
     try:
-        engine = make_engine()
-        engine = engine[0] if isinstance(engine, tuple) else engine
+        engine, _ = make_engine()
         engine.model.eval()
     except Exception as e:
         outlet.send(("failed", f"{type(e).__name__}: {e}"))
@@ -112,21 +111,21 @@ def _child(make_engine: EngineMaker, conn, max_batch: int, batching: str, prefil
     pool.stop(wait=60)
 
 
+@dataclass(eq=False)
+class _Child:
+    process: multiprocessing.process.BaseProcess
+    outlet: PipeOutlet
+    running: int = 0  # jobs it has taken and not finished
+    alive: bool = True
+
+
 @dataclass
 class _Sent:
     """A job handed to a child, until the child has finished it."""
 
     job: Job
+    child: _Child
     finished: int = 0  # its choices that have ended
-
-
-@dataclass(eq=False)
-class _Child:
-    process: multiprocessing.process.BaseProcess
-    outlet: PipeOutlet
-    sent: dict[int, _Sent] = field(default_factory=dict)  # by job id
-    running: int = 0  # jobs it has taken, of those sent
-    alive: bool = True
 
 
 def default_threads(processes: int) -> int:
@@ -152,7 +151,7 @@ class ProcessPool(WorkerPool):
         self.threads = threads or default_threads(self.workers)
         self._context: int | None = None
         self._children: list[_Child] = []
-        self._child_of: dict[int, _Child] = {}  # job id -> the child it was sent to, until the job is done
+        self._sent: dict[int, _Sent] = {}  # by job id, until the job is done
         self._ids = itertools.count()
 
     @property
@@ -205,12 +204,14 @@ class ProcessPool(WorkerPool):
         """Send a counted job to the living child with the fewest unfinished jobs."""
         job.id = next(self._ids)
         with self._lock:
-            child = min((c for c in self._children if c.alive), key=lambda c: len(c.sent), default=None)
+            load = {c: 0 for c in self._children if c.alive}  # unfinished jobs of each living child
+            for sent in self._sent.values():
+                load[sent.child] = load.get(sent.child, 0) + 1
+            child = min(load, key=load.get, default=None)
             if child is None:
                 self._done(job)
             else:
-                child.sent[job.id] = _Sent(job)
-                self._child_of[job.id] = child
+                self._sent[job.id] = _Sent(job, child)
         if child is None:
             emit_all([(job, GenerationFailed("generation failed: no engine process is running"))])
         else:
@@ -219,17 +220,17 @@ class ProcessPool(WorkerPool):
     def cancel(self, job: Job) -> None:
         super().cancel(job)
         with self._lock:
-            child = self._child_of.get(job.id)
-            if child is not None and job.state == "done":  # it waited: its place is back, and its events unwanted
-                del child.sent[job.id], self._child_of[job.id]
-        if child is not None:
-            self._send(child, ("cancel", job.id))
+            sent = self._sent.get(job.id)
+            if sent is not None and job.state == "done":  # it waited: its place is back, and its events unwanted
+                del self._sent[job.id]
+        if sent is not None:
+            self._send(sent.child, ("cancel", job.id))
 
     def stop_choice(self, job: Job, index: int) -> None:
         super().stop_choice(job, index)
-        child = self._child_of.get(job.id)
-        if child is not None:
-            self._send(child, ("stop_choice", job.id, index))
+        sent = self._sent.get(job.id)
+        if sent is not None:
+            self._send(sent.child, ("stop_choice", job.id, index))
 
     @staticmethod
     def _send(child: _Child, message: tuple) -> None:
@@ -238,17 +239,16 @@ class ProcessPool(WorkerPool):
         except OSError:  # the child is gone: its reader fails what it had
             pass
 
-    def _done(self, job: Job, child: _Child | None = None) -> None:
-        """Count a job as done, waiting or running before (call with the lock held)."""
+    def _done(self, job: Job) -> None:
+        """Count a job as done, waiting or running before, and forget it (call with the lock held)."""
+        sent = self._sent.pop(job.id, None)
         if job.state == "running":
             self._busy -= 1
-            child.running -= 1
-            self._busy_workers -= child.running == 0
+            sent.child.running -= 1
+            self._busy_workers -= sent.child.running == 0
         elif job.state == "waiting":
             self._waiting -= 1
         job.state = "done"
-        if child is not None:
-            del child.sent[job.id], self._child_of[job.id]
 
     def _read(self, child: _Child) -> None:
         """Take a child's messages: count the jobs it starts and ends, and hand each step's events to
@@ -261,7 +261,7 @@ class ProcessPool(WorkerPool):
             with self._lock:
                 if kind == "started":
                     for job_id in value:
-                        sent = child.sent.get(job_id)
+                        sent = self._sent.get(job_id)
                         if sent is not None and sent.job.state == "waiting":
                             sent.job.state = "running"
                             self._waiting -= 1
@@ -271,20 +271,20 @@ class ProcessPool(WorkerPool):
                     continue
                 batch = []
                 for job_id, item in value:
-                    sent = child.sent.get(job_id)
+                    sent = self._sent.get(job_id)
                     if sent is None:  # cancelled while it waited: nobody listens
                         continue
                     sent.finished += isinstance(item, Finished)
                     if isinstance(item, GenerationFailed) or sent.finished == sent.job.n:
-                        self._done(sent.job, child)
+                        self._done(sent.job)
                     batch.append((sent.job, item))
             emit_all(batch)
         child.process.join(5)
         with self._lock:
             child.alive = False
-            lost = [sent.job for sent in child.sent.values()]
+            lost = [sent.job for sent in self._sent.values() if sent.child is child]
             for job in lost:
-                self._done(job, child)
+                self._done(job)
         if lost:
             log.error("%s exited (code %s) with %d request(s) unfinished", child.process.name,
                       child.process.exitcode, len(lost))

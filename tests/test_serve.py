@@ -506,10 +506,13 @@ def test_metrics_parse_as_prometheus_and_count_what_happened(model):
 
 def test_n_choices_share_one_prefill_and_each_is_its_seeds_reply(model):
     engine, _ = model
-    prefills: list[int] = []  # prompts whose prefill each forward pass starts
-    hook = engine.model.register_forward_pre_hook(
-        lambda _m, args, kwargs: prefills.extend([len(new_prompts(args[0], kwargs.get("kv_cache")))] * bool(
-            new_prompts(args[0], kwargs.get("kv_cache")))), with_kwargs=True)
+    prefills: list[int] = []  # for each forward pass that starts a prefill, how many prompts it starts
+
+    def count_prefills(_module, args, kwargs):
+        if started := new_prompts(args[0], kwargs.get("kv_cache")):
+            prefills.append(len(started))
+
+    hook = engine.model.register_forward_pre_hook(count_prefills, with_kwargs=True)
     try:
         with serving(create_app(engine, "choices")) as base, httpx2.Client(base_url=base, timeout=WAIT_S) as client:
             body = request(max_tokens=12, temperature=0.9, seed=40)

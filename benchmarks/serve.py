@@ -7,11 +7,13 @@ Each batching mode is a real `nanochat serve` process (one worker, --max-batch 8
 port, both started before the first rate and warmed up with one request; the rates then take turns
 between them, so a drift in the machine's speed hits both alike. The load generator runs in this
 process, not the servers': its Python (streaming, JSON) does not compete with theirs for a GIL, as
-no real client would. It is bounded and open-loop: arrivals are a Poisson process at each --rates
-(requests per second) for --seconds, each request a prompt drawn from a fixed mix (short
-questions, arithmetic, long multi-turn conversations) and a max_tokens drawn from --max-tokens,
-with its own seed. The arrival times, prompts, budgets and seeds are the same for both modes (one
-random stream per rate), so each row compares like with like.
+no real client would, and it keeps to the cores the servers keep for HTTP (processes.core_plan),
+off the engines' own, as clients on other machines would. It is bounded and open-loop: arrivals
+are a Poisson process at each --rates (requests per second) for --seconds, each request a prompt
+drawn from a fixed mix (short questions, arithmetic, long multi-turn conversations) and a
+max_tokens drawn from --max-tokens, with its own seed. The arrival times, prompts, budgets and
+seeds are the same for both modes (one random stream per rate), so each row compares like with
+like.
 
 Measured per mode and rate: throughput (completion tokens, from each stream's usage, per second of
 wall-clock from the first request to the last reply), time to first token (request sent to first
@@ -38,6 +40,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import httpx2
+
+from nanochat.serve.processes import core_plan, default_threads, pin_process, usable_cores
 
 PROMPTS = [
     [{"role": "user", "content": "Who are you?"}],
@@ -170,6 +174,9 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         bases = {batching: stack.enter_context(server(args.run, batching, args.max_batch)) for batching in modes}
         health = httpx2.get(f"{bases['static']}/health").json()
+        plan = core_plan(usable_cores(), 1, default_threads(1))  # what each server did with its engine
+        if plan is not None:
+            pin_process(plan[0])
         for rate in args.rates:
             requests = schedule(rate, args.seconds, args.max_tokens, args.seed, args.top_k)
             for repeat in range(args.repeats):

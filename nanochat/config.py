@@ -653,6 +653,9 @@ class ServeConfig:
     threads: int = 0
     """Intra-op threads of each engine process; 0: one core is left to the HTTP server and the others are
     shared out between the engine processes (at least one each)."""
+    pin_cores: bool = True
+    """CPU engines on Linux: each engine process keeps to --threads cores of its own and the HTTP server to
+    the others, so the server never takes a turn on an engine's core mid-step (when the cores suffice)."""
     max_queue: int = 64
     """Requests that may wait for a free worker; more get 503 (overloaded)."""
     api_key: str = ""

@@ -19,7 +19,7 @@ from nanochat.errors import NanochatError
 from nanochat.runtime import init_runtime
 from nanochat.serve import processes
 from nanochat.serve.app import create_app
-from nanochat.serve.processes import ProcessPool, default_threads, engine_makers
+from nanochat.serve.processes import ProcessPool, core_plan, default_threads, engine_makers
 from nanochat.serve.workers import Finished
 from tests._chat_model import chat_model_home
 from tests._server import serving
@@ -148,7 +148,30 @@ def test_a_dying_engine_process_fails_its_replies_and_the_server_says_so(home):
 
 
 def test_default_threads_leave_a_core_to_the_server(monkeypatch):
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(processes, "usable_cores", lambda: [0, 1])
     assert default_threads(1) == 1
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(processes, "usable_cores", lambda: list(range(16)))
     assert (default_threads(1), default_threads(2), default_threads(32)) == (15, 7, 1)
+
+
+def test_core_plans_give_each_engine_cores_of_its_own_and_the_server_the_rest():
+    assert core_plan([0, 1], 1, 1) == ([0], [[1]])
+    assert core_plan(range(16), 2, 4) == (list(range(8)), [[8, 9, 10, 11], [12, 13, 14, 15]])
+    assert core_plan([2, 5, 7], 2, 1) == ([2], [[5], [7]])  # a cpuset: the cores it has, not 0..n
+    assert core_plan([0, 1], 1, 2) is None  # nothing would be left to the server
+    assert core_plan([0, 1, 2, 3], 2, 2) is None
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(processes.usable_cores()) < 2,
+                    reason="pinning needs Linux and two cores")
+def test_a_pinned_engine_process_keeps_to_its_cores_and_the_server_to_the_rest(home):
+    before = os.sched_getaffinity(0)
+    pool = process_pool(threads=1, pin=True)
+    with serving(create_app(pool, "t"), startup_timeout=WAIT_S) as base:
+        ours, (theirs,) = pool.cores
+        (child,) = pool._children
+        assert os.sched_getaffinity(child.process.pid) == set(theirs) and os.sched_getaffinity(0) == set(ours)
+        assert not set(ours) & set(theirs) and set(ours) | set(theirs) == before
+        reply = httpx2.post(base + CHAT, json=request(max_tokens=3), timeout=WAIT_S)
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
+    assert os.sched_getaffinity(0) == before and pool.cores is None  # given back when the pool stopped

@@ -460,7 +460,8 @@ def engine_pool(cfg: ServeConfig) -> tuple[ProcessPool, str, str]:
     path, name = find_model(cfg.source.run, cfg.source.stage, cfg.source.checkpoint)
     meta = read_meta(path)
     pool = ProcessPool(engine_makers(cfg.source, rt, cfg.workers), checkpoint_tokenizer(path, meta), cfg.max_queue,
-                       cfg.max_batch, cfg.batching, cfg.prefill_chunk, cfg.threads)
+                       cfg.max_batch, cfg.batching, cfg.prefill_chunk, cfg.threads,
+                       pin=cfg.pin_cores and rt.device.type == "cpu")
     return pool, display_name(name, meta), rt.device.type
 
 
@@ -473,6 +474,9 @@ def cli(argv: list[str]) -> int:
     print(f"nanochat serve: loading {name} in {pool.workers} {device} engine process(es), {pool.threads} thread(s) "
           "each…", flush=True)
     pool.start()
+    if pool.cores is not None:
+        ours, theirs = pool.cores
+        print(f"nanochat serve: engine process(es) on core(s) {theirs}, the HTTP server on {ours}", flush=True)
     try:
         app = create_app(pool, name, api_key=api_key or None)
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host

@@ -301,6 +301,7 @@ class ContinuousBatch:
         self.draws: list[list[float] | None] = [None] * slots  # each row's random draws, one per token
         self.prompts: list[_Prompt] = []  # admitted, first come first served, not yet wholly prefilled
         self.pending: dict[int, int] = {}  # slot -> the token it sampled last, not yet fed to the model
+        self._modules = tuple(model.modules())  # for eval_mode's check, every step
 
     @property
     def free(self) -> int:
@@ -388,7 +389,7 @@ class ContinuousBatch:
         wanted = sorted(set(reads))  # the feeds whose logits are sampled from, and where they are in the pass
         at = [last[i] for i in wanted]
         at = None if at == list(range(ids.size(1))) else torch.tensor(at, device=rt.device)  # None: every token's
-        with eval_mode(engine.model), rt.autocast():
+        with eval_mode(engine.model, self._modules), rt.autocast():
             logits = engine.model(ids, kv_cache=self.cache, logits_at=at)[0]
         for prompt in prefilled:  # more completions of one prompt start from a copy of its prefill
             for slot in prompt.slots[1:]:

@@ -182,7 +182,9 @@ class Engine:
         One `Sampling`: every row shares it and one random stream (seeded once for the batch). A
         sequence of them, one per prompt: each row has its own settings and random stream, so its
         tokens depend on its own prompt, settings and seed alone, not on which other rows share the
-        batch — what a server batching requests needs.
+        batch — what a server batching requests needs. (Up to floating-point rounding, which depends
+        on the batch's shape: it rarely changes a token in fp32 and often does in bf16;
+        benchmarks/batched_vs_alone.py.)
         """
         rows, idx, cache, settings, draws = self._prepare(prompts, sampling)
         with eval_mode(self.model):
@@ -286,7 +288,8 @@ class ContinuousBatch:
     admitted between steps gets its first token from the next step, and one that finishes leaves
     at once, freeing its slot. Each sequence has its own Sampling and random stream and attends to
     its own row only, so its tokens are the ones Engine.generate writes for it alone (greedy, or
-    seeded sampling)."""
+    seeded sampling), as far as floating-point rounding, which depends on the batch's shape, lets
+    them be: it rarely changes a token in fp32 and often does in bf16 (benchmarks/batched_vs_alone.py)."""
 
     def __init__(self, engine: Engine, slots: int, max_len: int | None = None, prefill_chunk: int = 512):
         if prefill_chunk < 1:

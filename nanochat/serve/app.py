@@ -476,7 +476,9 @@ def cli(argv: list[str]) -> int:
     pool.start()
     if pool.cores is not None:
         ours, theirs = pool.cores
-        print(f"nanochat serve: engine process(es) on core(s) {theirs}, the HTTP server on {ours}", flush=True)
+        cores = " | ".join(",".join(map(str, each)) for each in theirs)
+        print(f"nanochat serve: engine process(es) pinned to core(s) {cores}; the HTTP server to "
+              f"{','.join(map(str, ours))} (--no-pin-cores: the OS places them)", flush=True)
     try:
         app = create_app(pool, name, api_key=api_key or None)
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host

@@ -354,6 +354,7 @@ class ContinuousBatch:
         """Free a slot (its sequence finished, or nobody wants the rest)."""
         self.rows[slot] = self.sampling[slot] = self.draws[slot] = None
         self.pending.pop(slot, None)
+        self.cache.reset(slot)  # its columns need not be kept when the cache's rows move
         for prompt in self.prompts:
             if slot in prompt.slots:
                 if slot == prompt.slots[0]:  # its prefill lived in this slot: start over in the next one

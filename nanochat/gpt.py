@@ -282,11 +282,12 @@ class _Pass:
     rows: torch.Tensor  # (R,) the rows fed, in packed order
     first: torch.Tensor | None  # (N,) whether a token is its row's first in the pass (None: one token a row)
     last: torch.Tensor | None  # (R,) where each row's last token is (None: one token a row)
+    column: int  # the cache column where every row fed puts its last token
     singles: int  # the first `singles` tokens are rows fed one token each
     single_rows: torch.Tensor | None  # their rows (None: every row, in order)
-    single_mask: torch.Tensor | None  # (slots, 1, 1, end): what each row's one token sees (others: position 0)
-    end: int  # longest of those rows after this pass
-    chunks: tuple[tuple[int, int, int, int, torch.Tensor | None], ...]  # (row, offset, count, start, mask)
+    window: int  # the first column any of them sees
+    single_mask: torch.Tensor | None  # (slots, 1, 1, column + 1 - window): the columns each row's one token sees
+    chunks: tuple[tuple[int, int, int, int, int, torch.Tensor | None], ...]  # (row, offset, count, from, start, mask)
 
 
 class SlotCache:
@@ -296,28 +297,41 @@ class SlotCache:
     Before each pass, `schedule` says what it carries: any number of new tokens for any rows (a
     decode step's one token per running row, and the prompt of a sequence just admitted, whole or
     a chunk of it), packed into one row of ids (1, N), the one-token rows first. Each token goes
-    at its row's next position and attends to its own row's positions only: the one-token rows in
+    at its row's next position and attends to its own row's tokens only: the one-token rows in
     one batched attention, each longer chunk on its own, causally. So every row's logits are those
     of its sequence run alone, and a prompt is prefilled in the same pass that decodes the others.
     `copy` hands a prefilled sequence to another row (several completions of one prompt). Lengths
     live on the host, where the scheduler knows them: a pass needs no device sync. Same three
     questions as KVCache towards the model (positions, previous, attend).
 
-    The one-token rows attend over every row's keys as they lie (a view, never a copy), rows not
+    The rows share their columns, as the left-padded KVCache's do: every row fed in a pass puts its
+    last new token in the same column, one further each pass, and holds its sequence in the columns
+    just before (a prompt lands right-aligned there). So a decode step stores each layer's keys with
+    one strided copy, where columns of each row's own took a scatter at about twice the cost (tiny
+    model, CPU). Where the columns lie changes nothing a row computes but rounding: positions count
+    from its own first token (rotary), and the mask hides every column but its own. When the
+    columns run out (or a prompt needs more room before the current one), the rows move back
+    towards the start of the cache, which doubles then while it has fewer than twice the columns
+    the longest row needs (up to 2·max_len): a restart at most every so many passes. The
+    one-token rows attend over every row's columns as they lie (a view, never a copy), rows not
     among them asking a dummy query: gathering the rows' keys and values instead cost 4× as much
-    for 7 rows of 8 (tiny model, CPU).
+    for 7 rows of 8.
     """
+
+    first_columns = 256  # the cache's width to begin with (it grows as longer sequences need)
 
     def __init__(self, n_layer: int, slots: int, n_kv_head: int, max_len: int, head_dim: int,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
-        shape = (n_layer, slots, n_kv_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len, self.most_columns = max_len, 2 * max_len
+        columns = min(self.most_columns, self.first_columns)
+        self.k = torch.zeros((n_layer, slots, n_kv_head, columns, head_dim), device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
         self.lengths = [0] * slots  # tokens each row holds
+        self.ends = [0] * slots  # the column of each row's last token (when it holds any)
+        self.column = -1  # the column the last pass wrote
         self.tokens = torch.zeros(slots, dtype=torch.long, device=device)  # each row's last token
-        self.max_len = max_len
         self.device = self.k.device
-        self._key = torch.arange(max_len, device=self.device)  # positions, for the masks
+        self._key = torch.arange(self.most_columns, device=self.device)  # columns, for the masks
         self.plan: _Pass | None = None
 
     def reset(self, slot: int) -> None:
@@ -325,12 +339,36 @@ class SlotCache:
         self.lengths[slot] = 0
 
     def copy(self, src: int, dst: int) -> None:
-        """Row `dst` takes a copy of the sequence in row `src`."""
-        n = self.lengths[src]
-        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
-        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        """Row `dst` takes a copy of the sequence in row `src`, in the same columns."""
+        n, end = self.lengths[src], self.ends[src]
+        self.k[:, dst, :, end - n + 1:end + 1] = self.k[:, src, :, end - n + 1:end + 1]
+        self.v[:, dst, :, end - n + 1:end + 1] = self.v[:, src, :, end - n + 1:end + 1]
         self.tokens[dst] = self.tokens[src]
-        self.lengths[dst] = n
+        self.lengths[dst], self.ends[dst] = n, end
+
+    def _move(self, row: int, end: int) -> None:
+        """Move a row's sequence to end at column `end`."""
+        n, old = self.lengths[row], self.ends[row]
+        src, dst = slice(old - n + 1, old + 1), slice(end - n + 1, end + 1)
+        self.k[:, row, :, dst], self.v[:, row, :, dst] = self.k[:, row, :, src].clone(), self.v[:, row, :, src].clone()
+        self.ends[row] = end
+
+    def _restart(self, feeds: Sequence[tuple[int, Sequence[int]]]) -> int:
+        """The column for a pass when the next one is past the cache's end, or too close to its
+        start for a row's sequence and new tokens: the least that has room for every row's, the
+        cache doubling while it has fewer than twice as many columns (so that it restarts at most
+        every so many passes). The rows fed then move there (`schedule`); the others, when they are
+        fed next."""
+        column = max((self.lengths[row] + len(tokens) - 1 for row, tokens in feeds), default=0)
+        columns = self.k.size(3)
+        while columns < min(2 * (column + 1), self.most_columns):
+            columns = min(2 * columns, self.most_columns)
+        if columns > self.k.size(3):
+            k = self.k.new_zeros((*self.k.shape[:3], columns, self.k.size(4)))
+            v = torch.zeros_like(k)
+            k[:, :, :, :self.k.size(3)], v[:, :, :, :self.v.size(3)] = self.k, self.v
+            self.k, self.v = k, v
+        return column
 
     def schedule(self, feeds: Sequence[tuple[int, Sequence[int]]]) -> tuple[torch.Tensor, list[int]]:
         """Lay out the next forward pass: `feeds` are (row, its new tokens), at most one per row.
@@ -344,36 +382,44 @@ class SlotCache:
             if self.lengths[row] + len(tokens) > self.max_len:
                 raise NanochatError(f"KV cache full: row {row} holds {self.lengths[row]} tokens, + {len(tokens)} > "
                                     f"max_len {self.max_len}")
+        column = self.column + 1
+        if column >= self.k.size(3) or any(self.lengths[row] + len(tokens) > column + 1 for row, tokens in feeds):
+            column = self._restart(feeds)
+        for row, tokens in feeds:  # a row that skipped passes: its sequence moves up to its new tokens
+            if self.lengths[row] and self.ends[row] != column - len(tokens):
+                self._move(row, column - len(tokens))
         order = sorted(range(len(feeds)), key=lambda i: (len(feeds[i][1]) > 1, feeds[i][0]))
         ids, slot, positions, last = [], [], [], [0] * len(feeds)
         singles, chunks = 0, []
         for i in order:
             row, tokens = feeds[i]
-            start, offset = self.lengths[row], len(ids)
+            held, offset = self.lengths[row], len(ids)
             ids += tokens
             slot += [row] * len(tokens)
-            positions += range(start, start + len(tokens))
+            positions += range(held, held + len(tokens))
             last[i] = len(ids) - 1
             if len(tokens) == 1:
                 singles += 1
             else:
-                chunks.append((row, offset, len(tokens), start))
-            self.lengths[row] = start + len(tokens)
+                chunks.append((row, offset, len(tokens), held))
+            self.lengths[row], self.ends[row] = held + len(tokens), column
+        self.column = column
         dev = self.device
         rows = [feeds[i][0] for i in order]
         rows_t, positions_t = torch.tensor(rows, device=dev), torch.tensor(positions, device=dev)
         every = rows[:singles] == list(range(len(self.lengths)))
-        end = max(positions[:singles], default=-1) + 1
-        single_mask = None
-        if singles:  # each one-token row sees its positions so far; any other row, position 0 (a dummy)
-            seen = positions_t[:singles] if every else torch.tensor(
-                [dict(zip(rows[:singles], positions[:singles], strict=True)).get(row, 0)
-                 for row in range(len(self.lengths))], device=dev)
-            single_mask = (self._key[:end] <= seen[:, None])[:, None, None, :]
+        window, single_mask = column, None
+        if singles:  # each one-token row sees its own columns; any other row, the current column (a dummy)
+            starts = [column - self.lengths[row] + 1 for row in rows[:singles]]
+            window = min(starts)
+            if not every:
+                starts = [dict(zip(rows[:singles], starts, strict=True)).get(row, column)
+                          for row in range(len(self.lengths))]
+            single_mask = (self._key[window:column + 1] >= torch.tensor(starts, device=dev)[:, None])[:, None, None]
         chunk_plans = []
-        for row, offset, count, start in chunks:  # a chunk after earlier ones sees them all, and itself causally
-            mask = None if start == 0 else self._key[:start + count] <= self._key[start:start + count, None]
-            chunk_plans.append((row, offset, count, start, mask))
+        for row, offset, count, held in chunks:  # a chunk after earlier ones sees them all, and itself causally
+            mask = None if held == 0 else self._key[:held + count] <= self._key[held:held + count, None]
+            chunk_plans.append((row, offset, count, column - count + 1, column - held - count + 1, mask))
         if chunks:
             first = [False] * len(ids)
             for j in [0, *(i + 1 for i in sorted(last)[:-1])]:  # each row's first: after the row before
@@ -383,9 +429,9 @@ class SlotCache:
         else:  # one token a row: each token is its row's first and last
             slot_t, first, last_t = rows_t, None, None
         self.plan = _Pass(
-            positions=positions_t, slot=slot_t, rows=rows_t, first=first, last=last_t, singles=singles,
-            single_rows=None if every else rows_t[:singles], single_mask=single_mask, end=end,
-            chunks=tuple(chunk_plans))
+            positions=positions_t, slot=slot_t, rows=rows_t, first=first, last=last_t, column=column,
+            singles=singles, single_rows=None if every else rows_t[:singles], window=window,
+            single_mask=single_mask, chunks=tuple(chunk_plans))
         return torch.tensor([ids], device=dev), last
 
     def positions(self, T: int) -> torch.Tensor:
@@ -409,27 +455,27 @@ class SlotCache:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                scale: float | None) -> torch.Tensor:
-        """Store the pass's new keys/values (1, kv_heads, N, d) at each token's row and position, and
-        return its attention output (1, H, N, d), each token over its own row."""
-        plan = self.plan
-        self.k[layer, plan.slot, :, plan.positions] = k[0].transpose(0, 1).to(self.k.dtype)
-        self.v[layer, plan.slot, :, plan.positions] = v[0].transpose(0, 1).to(self.v.dtype)
-        if plan.singles == q.size(2) and plan.single_rows is None:  # a decode step of every row: no chunks
-            y = attention(q.permute(2, 1, 0, 3), self.k[layer, :, :, :plan.end], self.v[layer, :, :, :plan.end],
-                          plan.single_mask, False, scale)  # (slots, H, 1, d) queries, each over its row
-            return y.permute(2, 1, 0, 3)
-        out = []
-        if plan.singles:  # (slots, H, 1, d) queries, each over its own row's keys so far
-            q1 = q[0, :, :plan.singles].transpose(0, 1).unsqueeze(2)
-            if plan.single_rows is not None:  # rows not fed one token ask a dummy (zero) query
-                q1 = q1.new_zeros(self.k.size(1), *q1.shape[1:]).index_copy_(0, plan.single_rows, q1)
-            y = attention(q1, self.k[layer, :, :, :plan.end], self.v[layer, :, :, :plan.end], plan.single_mask, False,
-                          scale)
-            if plan.single_rows is not None:
-                y = y.index_select(0, plan.single_rows)
+        """Store the pass's new keys/values (1, kv_heads, N, d) in their rows' columns, and return
+        its attention output (1, H, N, d), each token over its own row."""
+        plan, c = self.plan, self.plan.column
+        k, v = k[0].to(self.k.dtype), v[0].to(self.v.dtype)  # (kv_heads, N, d)
+        keys, values = self.k[layer, :, :, plan.window:c + 1], self.v[layer, :, :, plan.window:c + 1]
+        if plan.single_rows is None and plan.singles:  # a decode step of every row: one column, no chunks
+            self.k[layer, :, :, c], self.v[layer, :, :, c] = k.transpose(0, 1), v.transpose(0, 1)
+            y = attention(q.permute(2, 1, 0, 3), keys, values, plan.single_mask, False, scale)
+            return y.permute(2, 1, 0, 3)  # (slots, H, 1, d) queries, each over its row, back to (1, H, N, d)
+        out, n = [], plan.singles
+        if n:  # (slots, H, 1, d) queries, each over its own row's columns; rows not fed one token ask a dummy
+            self.k[layer, :, :, c].index_copy_(0, plan.single_rows, k[:, :n].transpose(0, 1))
+            self.v[layer, :, :, c].index_copy_(0, plan.single_rows, v[:, :n].transpose(0, 1))
+            q1 = q[0, :, :n].transpose(0, 1).unsqueeze(2)
+            q1 = q1.new_zeros(self.k.size(1), *q1.shape[1:]).index_copy_(0, plan.single_rows, q1)
+            y = attention(q1, keys, values, plan.single_mask, False, scale).index_select(0, plan.single_rows)
             out.append(y[:, :, 0].transpose(0, 1))
-        for row, offset, count, start, mask in plan.chunks:
-            keys, values = self.k[layer, row:row + 1, :, :start + count], self.v[layer, row:row + 1, :, :start + count]
+        for row, offset, count, first, start, mask in plan.chunks:
+            self.k[layer, row, :, first:c + 1] = k[:, offset:offset + count]
+            self.v[layer, row, :, first:c + 1] = v[:, offset:offset + count]
+            keys, values = self.k[layer, row:row + 1, :, start:c + 1], self.v[layer, row:row + 1, :, start:c + 1]
             out.append(attention(q[:, :, offset:offset + count], keys, values, mask, mask is None, scale)[0])
         return (out[0] if len(out) == 1 else torch.cat(out, dim=1)).unsqueeze(0)
 

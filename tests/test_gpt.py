@@ -1,5 +1,6 @@
 import itertools
 import math
+import random
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from nanochat import gpt as gpt_module
 from nanochat.config import PRESETS, ConfigError, ModelConfig
 from nanochat.errors import NanochatError
-from nanochat.gpt import GPT, KVCache, apply_rotary, eval_mode, head_loss, norm, rotary_tables
+from nanochat.gpt import GPT, KVCache, SlotCache, apply_rotary, eval_mode, head_loss, norm, rotary_tables
 
 VOCAB = 100
 SMALL = dict(depth=2, aspect_ratio=32, head_dim=16, n_kv_head=2, sequence_len=32,  # 4 heads of 16: 64 wide
@@ -270,6 +271,58 @@ def test_slot_cache_passes_mix_decodes_and_prompt_chunks_each_row_as_alone(overr
         full = model(torch.tensor([seq[:fed[row]]]))[0]
         first = 10 if row == 4 else 0  # the copy's own tokens
         torch.testing.assert_close(torch.cat(got[row]), full[first:], atol=1e-5, rtol=1e-5)
+
+
+def test_slot_cache_rows_stay_themselves_while_its_columns_run_out_move_and_grow(monkeypatch):
+    """Sequences come and go for many passes (prompts whole or in chunks, rows that skip a pass,
+    one copied to another row): the shared columns run out again and again, every sequence moves
+    back to the start of the cache, which grows, and each row's logits still equal its sequence's
+    forward alone."""
+    monkeypatch.setattr(SlotCache, "first_columns", 4)
+    model = active_model()
+    slots, max_len = 3, 24
+    cache = model.new_slot_cache(slots, max_len)
+    r = random.Random(5)
+    seqs: list[list[int]] = [[] for _ in range(slots)]  # each row's sequence so far
+    wanted = [0] * slots  # how long each row's sequence is to be
+    got: list[list[torch.Tensor]] = [[] for _ in range(slots)]  # each row's logits, this sequence
+    first = [0] * slots  # the first position of a row's sequence it computed logits for (a copy: after the copied part)
+    columns, widths, checked = [], [cache.k.size(3)], 0
+    with torch.no_grad():
+        for _ in range(200):
+            feeds = []
+            for row in range(slots):
+                if len(seqs[row]) == wanted[row]:  # done (or empty): check it against the sequence alone, start anew
+                    if seqs[row]:
+                        full = model(torch.tensor([seqs[row]]))[0]
+                        torch.testing.assert_close(torch.cat(got[row]), full[first[row]:], atol=1e-5, rtol=1e-5)
+                        checked += 1
+                    cache.reset(row)
+                    seqs[row], got[row], wanted[row], first[row] = [], [], r.randint(2, max_len), 0
+                if r.random() < 0.15:  # this row sits out a pass
+                    continue
+                n = 1 if seqs[row] else r.randint(1, min(8, wanted[row]))  # a prompt (or its first chunk), or one token
+                if 0 < len(seqs[row]) < 6 and r.random() < 0.3:  # a later chunk of it
+                    n = min(r.randint(2, 4), wanted[row] - len(seqs[row]))
+                new = [r.randrange(VOCAB) for _ in range(n)]
+                feeds.append((row, new))
+                seqs[row] += new
+            if not feeds:
+                continue
+            ids, last = cache.schedule(feeds)
+            logits = model(ids, kv_cache=cache)[0]
+            for (row, new), end in zip(feeds, last, strict=True):
+                got[row].append(logits[end - len(new) + 1:end + 1])
+            columns.append(cache.column)
+            widths.append(cache.k.size(3))
+            if r.random() < 0.1:  # a finished prompt's copy in another row, which then goes its own way
+                src, dst = r.sample(range(slots), 2)
+                if seqs[src] and len(seqs[src]) < wanted[src]:
+                    cache.copy(src, dst)
+                    seqs[dst], wanted[dst], got[dst], first[dst] = list(seqs[src]), wanted[src], [], len(seqs[src])
+    assert checked >= 25
+    assert sum(b < a for a, b in itertools.pairwise(columns)) >= 5  # the columns ran out and the rows moved back
+    assert widths[0] == 4 and widths[-1] == 2 * max_len and len(set(widths)) > 2  # it grew step by step
 
 
 def test_slot_cache_refuses_what_does_not_fit_or_was_not_scheduled():

@@ -287,7 +287,7 @@ class _Pass:
     single_rows: torch.Tensor | None  # their rows (None: every row, in order)
     window: int  # the first column any of them sees
     single_mask: torch.Tensor | None  # (slots, 1, 1, column + 1 - window): the columns each row's one token sees
-    chunks: tuple[tuple[int, int, int, int, int, torch.Tensor | None], ...]  # (row, offset, count, from, start, mask)
+    chunks: tuple[tuple[int, int, int, int, torch.Tensor | None], ...]  # (row, offset, count, start, mask)
 
 
 class SlotCache:
@@ -344,18 +344,20 @@ class SlotCache:
 
     def copy(self, src: int, dst: int) -> None:
         """Row `dst` takes a copy of the sequence in row `src`, in the same columns."""
-        n, end = self.lengths[src], self.ends[src]
-        self.k[:, dst, :, end - n + 1:end + 1] = self.k[:, src, :, end - n + 1:end + 1]
-        self.v[:, dst, :, end - n + 1:end + 1] = self.v[:, src, :, end - n + 1:end + 1]
+        self._place(src, dst, self.ends[src])
         self.tokens[dst] = self.tokens[src]
-        self.lengths[dst], self.ends[dst] = n, end
 
     def _move(self, row: int, end: int) -> None:
         """Move a row's sequence to end at column `end`."""
-        n, old = self.lengths[row], self.ends[row]
-        src, dst = slice(old - n + 1, old + 1), slice(end - n + 1, end + 1)
-        self.k[:, row, :, dst], self.v[:, row, :, dst] = self.k[:, row, :, src].clone(), self.v[:, row, :, src].clone()
-        self.ends[row] = end
+        self._place(row, row, end)
+
+    def _place(self, src: int, dst: int, end: int) -> None:
+        """Row `dst` holds row `src`'s sequence, ending at column `end`."""
+        n, old = self.lengths[src], self.ends[src]
+        before, after = slice(old - n + 1, old + 1), slice(end - n + 1, end + 1)
+        for cache in (self.k, self.v):  # within one row the two ranges may overlap: copy it out first
+            cache[:, dst, :, after] = cache[:, src, :, before].clone() if src == dst else cache[:, src, :, before]
+        self.lengths[dst], self.ends[dst] = n, end
 
     def _restart(self, feeds: Sequence[tuple[int, Sequence[int]]]) -> int:
         """The column for a pass when the next one is past the cache's end, or too close to its
@@ -427,7 +429,7 @@ class SlotCache:
         chunk_plans = []
         for row, offset, count, held in chunks:  # a chunk after earlier ones sees them all, and itself causally
             mask = None if held == 0 else self._key[:held + count] <= self._key[held:held + count, None]
-            chunk_plans.append((row, offset, count, column - count + 1, column - held - count + 1, mask))
+            chunk_plans.append((row, offset, count, column - held - count + 1, mask))
         if chunks:
             first = [False] * len(ids)
             for j in [0, *(i + 1 for i in sorted(last)[:-1])]:  # each row's first: after the row before
@@ -483,8 +485,9 @@ class SlotCache:
             q1 = q1.new_zeros(kc.size(0), *q1.shape[1:]).index_copy_(0, plan.single_rows, q1)
             y = attention(q1, keys, values, plan.single_mask, False, scale).index_select(0, plan.single_rows)
             out.append(y[:, :, 0].transpose(0, 1))
-        for row, offset, count, first, start, mask in plan.chunks:
-            kc[row, :, first:c + 1], vc[row, :, first:c + 1] = k[:, offset:offset + count], v[:, offset:offset + count]
+        for row, offset, count, start, mask in plan.chunks:  # the chunk goes in the columns up to the current one
+            kc[row, :, c + 1 - count:c + 1] = k[:, offset:offset + count]
+            vc[row, :, c + 1 - count:c + 1] = v[:, offset:offset + count]
             keys, values = kc[row:row + 1, :, start:c + 1], vc[row:row + 1, :, start:c + 1]
             out.append(attention(q[:, :, offset:offset + count], keys, values, mask, mask is None, scale)[0])
         return (out[0] if len(out) == 1 else torch.cat(out, dim=1)).unsqueeze(0)
